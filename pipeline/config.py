@@ -88,7 +88,7 @@ class VerifySpec(Strict):
         }
     )
     timeout_s: float = Field(10.0, gt=0, description="Hard wall-clock kill per check.")
-    memory_mb: int = Field(2048, ge=64, description="Address-space cap of each verifier worker.")
+    memory_mb: int = Field(2048, ge=512, description="Address-space cap of each verifier worker (below ~512 MB Python itself fails).")
     workers: int = Field(1, ge=1, description="Verifier processes per CPU stage actor.")
 
 

@@ -141,6 +141,25 @@ def generate(job: JobConfig) -> str:
     return storage.url()
 
 
+def check_fits(job: JobConfig, cluster: dict[str, float], use_gpu: bool) -> None:
+    """Refuse a plan whose actors cannot all be placed: Ray would wait forever instead of failing."""
+    res = job.resources
+    # + 1: Ray Data lists the input files in a task of its own that asks for one whole CPU.
+    cpus = res.engine_actors * res.engine_cpus + 2 * res.cpu_actors * res.cpu_stage_cpus + 1
+    if cpus > cluster.get("CPU", 0):
+        raise ConfigError(
+            f"resources: the plan needs {cpus:g} CPUs (engines {res.engine_actors}x{res.engine_cpus:g}, "
+            f"render/verify actors at {res.cpu_stage_cpus:g} each, 1 for listing files) but the cluster has "
+            f"{cluster.get('CPU', 0):g}; lower resources.* or add nodes"
+        )
+    gpus = res.engine_actors * job.engine.tensor_parallel_size
+    if use_gpu and gpus > cluster.get("GPU", 0):
+        raise ConfigError(
+            f"resources: {res.engine_actors} engines x tensor_parallel_size {job.engine.tensor_parallel_size} "
+            f"need {gpus} GPUs; the cluster has {cluster.get('GPU', 0):g}"
+        )
+
+
 def _execute(job: JobConfig, fs: Any, shards: list[Shard], storage: Storage, attempt: str) -> None:
     import ray
     from tqdm import tqdm
@@ -149,10 +168,15 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], storage: Storage, att
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     res = job.resources
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    cluster = ray.cluster_resources()
+    use_gpu = cluster.get("GPU", 0) > 0
+    check_fits(job, cluster, use_gpu)
     cpu_stage = {"batch_format": "pyarrow", "concurrency": res.cpu_actors, "num_cpus": res.cpu_stage_cpus,
                  "fn_constructor_args": (job,)}
-    ds = ray.data.read_parquet([s.path for s in shards], filesystem=arrow_filesystem(fs), include_paths=True)
+    ds = ray.data.read_parquet(
+        [s.path for s in shards], filesystem=arrow_filesystem(fs), include_paths=True,
+        num_cpus=res.cpu_stage_cpus,
+    )
     ds = ds.map_batches(RenderStage, batch_size=res.cpu_batch_size, **cpu_stage)
     ds = ds.map_batches(
         EngineStage,

@@ -81,7 +81,7 @@ def test_a_crashing_or_dying_check_is_a_rejection_not_a_crash():
 
 
 def test_memory_cap_applies_to_workers():
-    runner = IsolatedRunner(workers=1, timeout_s=20.0, memory_mb=256)
+    runner = IsolatedRunner(workers=1, timeout_s=20.0, memory_mb=1024)
     try:
         (v,) = runner.run(MemoryHog(), [{}])
         assert v.reason == "verifier_error"
@@ -93,5 +93,5 @@ class MemoryHog:
     name = "hog"
 
     def __call__(self, sample):
-        blob = bytearray(1024 * 1024 * 1024)  # 1 GiB > the 256 MiB cap
+        blob = bytearray(4 * 1024**3)  # 4 GiB > the 1 GiB cap
         return Verdict.accept(size=len(blob))

@@ -7,13 +7,24 @@ OUTPUT  ?=
 S3_DIR  ?= .cache/s3
 S3_PORT ?= 8333
 
-.PHONY: setup generate curate test test-fast s3 clean
+.PHONY: setup generate prepare demo-shards test test-fast s3 clean
 
 setup:
 	bash scripts/setup.sh
 
 generate:
 	$(PY) -m pipeline generate --job $(JOB) $(if $(SHARDS),--shards '$(SHARDS)') $(if $(OUTPUT),--output '$(OUTPUT)')
+
+# make prepare SOURCE=gsm8k.jsonl FORMAT=gsm8k OUT=prompts/gsm8k [ARGS='--rows-per-shard 5000']
+prepare:
+	$(PY) -m pipeline prepare '$(SOURCE)' '$(OUT)' --format $(FORMAT) $(ARGS)
+
+# The demo shards shipped in the repo, rebuilt from demo/prompts.jsonl.
+demo-shards:
+	rm -f demo/shards/*.parquet
+	$(PY) -m pipeline prepare demo/prompts.jsonl demo/shards --format generic --name demo \
+		--map prompt=prompt --map answer=answer --const domain=math --rows-per-shard 6
+	rm -f demo/shards/_prepare_report.json
 
 test:
 	$(PY) -m pytest tests

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.config import DEFAULT_JOB, ConfigError, load_job, parse_sets
+from pipeline.config import DEFAULT_JOB, ConfigError, load_job, parse_sets, split_pairs
 from pipeline.read import InputError, split_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distillation data pipeline.")
@@ -63,3 +63,52 @@ def curate(
     except (ConfigError, InputError) as e:
         _fail(e)
     typer.echo(uri)
+
+
+@app.command()
+def prepare(
+    source: str = typer.Argument(..., help="JSONL/JSON/CSV/Parquet files (glob, comma list, s3://) or a datasets folder."),
+    output: str = typer.Argument(..., help="Folder (local or s3://) for the prompt shards."),
+    format: str = typer.Option(..., "--format", help="math | gsm8k | code-stdio | humaneval | choice | generic"),
+    name: Optional[str] = typer.Option(None, help="Source name (ids, `source` column); default: the source's file name."),
+    rows_per_shard: int = typer.Option(10_000, "--rows-per-shard", min=1),
+    map_: list[str] = typer.Option([], "--map", help="generic: FIELD=COLUMN, e.g. --map prompt=question."),
+    const: list[str] = typer.Option([], "--const", help="generic: FIELD=VALUE, e.g. --const domain=math."),
+    mapping_file: Optional[Path] = typer.Option(None, "--mapping", help="generic: YAML with `map:` and `const:`."),
+    id_column: str = typer.Option("id", help="The source's own id column, if any."),
+    strict: bool = typer.Option(False, help="Fail on the first bad row instead of skipping and reporting it."),
+    no_dedup: bool = typer.Option(False, "--no-dedup", help="Keep duplicate prompts."),
+    decontaminate: list[str] = typer.Option([], help="Benchmark files whose problems must not leak in (repeatable)."),
+    ngram: int = typer.Option(8, help="n-gram size for decontamination (8-13 as open-r1/OpenThoughts)."),
+) -> None:
+    """Turn prompt sources into validated prompt shards for `generate`."""
+    import yaml
+
+    from pipeline.prepare import FORMATS, BadRow, PrepareOptions, generic
+    from pipeline.prepare import prepare as run_prepare
+
+    try:
+        if format == "generic":
+            spec = yaml.safe_load(mapping_file.read_text()) if mapping_file else {}
+            mapping = {**(spec.get("map") or {}), **split_pairs(map_)}
+            if "prompt" not in mapping:
+                raise ConfigError("generic format needs --map prompt=COLUMN")
+            convert = generic(mapping, {**(spec.get("const") or {}), **split_pairs(const)})
+        elif format in FORMATS:
+            convert = FORMATS[format]
+        else:
+            raise ConfigError(f"unknown format {format!r}; one of {', '.join([*FORMATS, 'generic'])}")
+        source_name = name or split_spec(source)[0].rstrip("/").rsplit("/", 1)[-1].split(".")[0]
+        opts = PrepareOptions(source_name=source_name, id_column=id_column or None, rows_per_shard=rows_per_shard,
+                              strict=strict, dedup=not no_dedup, decontaminate=decontaminate, ngram=ngram)
+        report = run_prepare(source, output, convert, opts)
+    except (BadRow, FileNotFoundError, ConfigError) as e:
+        _fail(e)
+    typer.echo(f"read {report.read}, written {report.written}, dropped {dict(report.dropped) or 0}, "
+               f"shards {len(report.shards)}", err=True)
+    for bad in report.bad_rows[:20]:
+        typer.echo(f"  {bad['file']}:{bad['row']}: {bad['error']}", err=True)
+    if len(report.bad_rows) > 20:
+        typer.echo(f"  ... {len(report.bad_rows) - 20} more in {output}/_prepare_report.json", err=True)
+    typer.echo(output)
+

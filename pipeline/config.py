@@ -155,15 +155,20 @@ def _resolve_relative(cfg: JobConfig, base: Path) -> JobConfig:
     return cfg
 
 
-def parse_sets(items: list[str]) -> dict[str, Any]:
-    """`["sampling.n=2", "model.reasoning=true"]` -> {"sampling.n": 2, ...} (values parsed as YAML)."""
-    out: dict[str, Any] = {}
+def split_pairs(items: list[str]) -> dict[str, str]:
+    """`["a=1", "b.c=x"]` -> {"a": "1", "b.c": "x"}."""
+    out: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
+            raise ConfigError(f"expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = value
     return out
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """`["sampling.n=2", "model.reasoning=true"]` -> {"sampling.n": 2, ...} (values parsed as YAML)."""
+    return {k: yaml.safe_load(v) for k, v in split_pairs(items).items()}
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:

@@ -74,9 +74,11 @@ def bucket(s3: dict[str, str], request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
-    from pipeline.run import init_ray
+def ray_local(s3: dict[str, str]) -> Iterator[None]:
+    """Local Ray, started after the S3 env vars are set so that its workers inherit them."""
     import ray
+
+    from pipeline.run import init_ray
 
     init_ray()
     yield

@@ -80,7 +80,7 @@ def test_cli_generate_prints_the_dataset_uri_last(tmp_path):
     out = tmp_path / "cli-out"
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", "generate", "--job", "jobs/demo.yaml",
-         "--shards", str(DEMO / "demo-00000.parquet"), "--output", str(out),
+         "--shards", str(DEMO / "prompts-00000.parquet"), "--output", str(out),
          "--set", "sampling.n=1", "--set", "sampling.max_tokens=16"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
     )

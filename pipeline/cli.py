@@ -42,7 +42,7 @@ def generate(
     try:
         cfg = load_job(job, parse_sets(set_), shards=split_spec(shards) if shards else None, output=output)
         uri = run_generate(cfg)
-    except (ConfigError, InputError) as e:
+    except (ConfigError, InputError, OSError) as e:
         _fail(e)
     typer.echo(uri)
 

@@ -69,16 +69,15 @@ class EngineStage:
         self._params = SamplingParams
         self.llm = LLM(**job.engine.llm_kwargs(job.model.path))
 
-    def _params_for(self, prompt_id: str) -> tuple[Any, int | None]:
-        seed = None if self.job_seed is None else request_seed(int(self.job_seed), prompt_id)
-        return self._params(**self.sampling, seed=seed), seed
+    def _seed(self, prompt_id: str) -> int | None:
+        return None if self.job_seed is None else request_seed(int(self.job_seed), prompt_id)
 
     def _generate(self, rows: list[dict[str, Any]]) -> list[tuple[list[Any] | None, str | None]]:
         """Outputs per row; if the batch fails, rows are retried one by one to isolate the bad one."""
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=r["prompt_token_ids"]) for r in rows]
-        params = [self._params_for(r["id"])[0] for r in rows]
+        params = [self._params(**self.sampling, seed=self._seed(r["id"])) for r in rows]
         try:
             results = self.llm.generate(prompts, params, use_tqdm=False)
             return [(list(res.outputs), None) for res in results]
@@ -95,8 +94,7 @@ class EngineStage:
         out: list[dict[str, Any]] = []
         for r in rows:
             outputs, reason = generated.get(r["id"], (None, r["reject_reason"]))
-            seed = None if self.job_seed is None else request_seed(int(self.job_seed), r["id"])
-            out.extend(sample_rows(r, self.n, self.model_name, seed, outputs, reason))
+            out.extend(sample_rows(r, self.n, self.model_name, self._seed(r["id"]), outputs, reason))
         schema = _sample_schema(batch.schema)
         return pa.Table.from_pylist(out, schema=schema)
 

@@ -7,6 +7,7 @@ crash during publish is repaired by the next run. Readers wait for the manifest.
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter, defaultdict
 from typing import Any, Iterable, Iterator
 
@@ -112,8 +113,11 @@ def data_file_names(accepted: int, rows_per_file: int) -> list[str]:
     return [f"data/train-{i:05d}-of-{n:05d}.parquet" for i in range(n)]
 
 
-def publish(storage: Storage, manifest: dict[str, Any], rows_per_file: int) -> dict[str, Any]:
-    """Write samples/, data/, README.md from the commits, then the manifest. Returns the manifest."""
+def publish(storage: Storage, manifest: dict[str, Any], rows_per_file: int, started: float) -> dict[str, Any]:
+    """Write samples/, data/, README.md from the commits, then the manifest. Returns the manifest.
+
+    `started` (epoch seconds) is when the run began; the manifest's timings end with this publish."""
+    t0 = time.time()
     commits = [c for _, c in sorted(storage.commits().items())]
     storage.remove(MANIFEST)  # a half-republished dataset must not look complete
     stats = Stats()
@@ -139,6 +143,8 @@ def publish(storage: Storage, manifest: dict[str, Any], rows_per_file: int) -> d
         "stats": stats.summary(),
         "files": {"data": names, "samples": sample_files},
     }
+    manifest["timings"] = {**manifest.get("timings", {}), "publish_s": round(time.time() - t0, 2),
+                           "total_s": round(time.time() - started, 2)}
     storage.write_bytes("README.md", render_card(manifest).encode())
     storage.write_json(MANIFEST, manifest)
     storage.clean_attempts({c.attempt for c in commits})

@@ -7,9 +7,10 @@ import posixpath
 from dataclasses import dataclass
 
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.schemas import check_columns
+from pipeline.schemas import arrow_fields, check_columns
 from pipeline.storage import filesystem
 
 
@@ -24,6 +25,7 @@ class Shard:
     path: str
     """The filesystem path Ray Data reports for its rows."""
     rows: int
+    schema: pa.Schema | None = None
 
     @property
     def unit(self) -> str:
@@ -82,4 +84,32 @@ def validate(fs: fsspec.AbstractFileSystem, shard: Shard, allow: frozenset[str] 
         problems.append("missing column 'completion' (curate reads existing completions)")
     if problems:
         raise InputError(f"{shard.uri}: " + "; ".join(problems))
-    return Shard(shard.uri, shard.path, rows)
+    return Shard(shard.uri, shard.path, rows, schema)
+
+
+def unified_schema(shards: list[Shard]) -> pa.Schema:
+    """One read schema for all shards: the prompt columns at their declared types (so an
+    all-null column written with Arrow's null type reads as strings), extra columns as first seen."""
+    declared = {f.name: f for f in arrow_fields("prompt")}
+    fields: dict[str, pa.Field] = {}
+    for s in shards:
+        assert s.schema is not None
+        for f in s.schema:
+            if f.name not in fields:
+                fields[f.name] = pa.field(f.name, declared[f.name].type) if f.name in declared else f
+    return pa.schema(list(fields.values()))
+
+
+def check_ids(fs: fsspec.AbstractFileSystem, shards: list[Shard]) -> None:
+    """Ids must be non-null and unique across all shards ((id, sample_index) keys the output)."""
+    first_seen: dict[str, str] = {}
+    for s in shards:
+        with fs.open(s.path, "rb") as f:
+            ids = pq.read_table(f, columns=["id"]).column("id").to_pylist()
+        for row, pid in enumerate(ids):
+            if pid is None or not str(pid).strip():
+                raise InputError(f"{s.uri}: row {row}: column 'id' is empty")
+            if pid in first_seen:
+                where = "twice in this shard" if first_seen[pid] == s.uri else f"also in {first_seen[pid]}"
+                raise InputError(f"{s.uri}: row {row}: duplicate id {pid!r} ({where})")
+            first_seen[pid] = s.uri

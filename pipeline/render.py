@@ -30,6 +30,7 @@ class Renderer:
         self.chat_template = job.render.chat_template
         self.max_model_len = job.engine.max_model_len or getattr(tokenizer, "model_max_length", None)
         self.min_new_tokens = max(1, int(job.sampling.get("min_tokens", 1) or 1))
+        self.domains = set(job.verify.domains)
 
     def user_turn(self, prompt: str, domain: str) -> str:
         """The prompt with the domain's instruction suffix (math: the \\boxed{} instruction)."""
@@ -40,6 +41,8 @@ class Renderer:
         prompt = row.get("prompt")
         if prompt is None or not prompt.strip():
             return Rendered(None, None, "empty_prompt")
+        if row.get("domain") not in self.domains:  # no GPU time for rows nothing can verify
+            return Rendered(None, None, "unknown_domain")
         messages = [{"role": "user", "content": self.user_turn(prompt, row.get("domain") or "")}]
         if self.system_prompt:
             messages.insert(0, {"role": "system", "content": self.system_prompt})

@@ -21,7 +21,7 @@ from pipeline.check import CheckStage
 from pipeline.config import ConfigError, JobConfig
 from pipeline.generate import EngineStage
 from pipeline.publish import publish
-from pipeline.read import Shard, resolve
+from pipeline.read import Shard, check_ids, resolve, unified_schema
 from pipeline.render import RenderStage
 from pipeline.schemas import INTERNAL_COLUMNS, reserved_prompt_columns
 from pipeline.storage import Commit, Storage, arrow_filesystem
@@ -113,8 +113,10 @@ def generate(job: JobConfig) -> str:
     """Run the whole pipeline for a job; returns the URI of the published dataset."""
     started = time.time()
     fs, shards = resolve(job.shards)
+    check_ids(fs, shards)
     preflight(job)
     storage = Storage(job.output)
+    storage.check_writable()
     committed = storage.commits()
     todo = [s for s in shards if s.unit not in committed]
     log.info("%d shards (%d rows), %d already committed", len(shards), sum(s.rows for s in shards), len(shards) - len(todo))
@@ -124,7 +126,6 @@ def generate(job: JobConfig) -> str:
         t0 = time.time()
         _execute(job, fs, todo, storage, attempt)
         timings["generate_s"] = round(time.time() - t0, 2)
-    t0 = time.time()
     manifest = {
         "run_id": attempt,
         "output": storage.url(),
@@ -132,12 +133,9 @@ def generate(job: JobConfig) -> str:
         "job": job.model_dump(mode="json"),
         "versions": versions(),
         "shards": [s.uri for s in shards],
+        "timings": timings,
     }
-    manifest = publish(storage, manifest, job.rows_per_data_file)
-    timings["publish_s"] = round(time.time() - t0, 2)
-    timings["total_s"] = round(time.time() - started, 2)
-    manifest["timings"] = timings
-    storage.write_json("_manifest.json", manifest)
+    publish(storage, manifest, job.rows_per_data_file, started)
     return storage.url()
 
 
@@ -174,7 +172,7 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], storage: Storage, att
     cpu_stage = {"batch_format": "pyarrow", "concurrency": res.cpu_actors, "num_cpus": res.cpu_stage_cpus,
                  "fn_constructor_args": (job,)}
     ds = ray.data.read_parquet(
-        [s.path for s in shards], filesystem=arrow_filesystem(fs), include_paths=True,
+        [s.path for s in shards], filesystem=arrow_filesystem(fs), include_paths=True, schema=unified_schema(shards),
         num_cpus=res.cpu_stage_cpus,
     )
     ds = ds.map_batches(RenderStage, batch_size=res.cpu_batch_size, **cpu_stage)
@@ -210,7 +208,7 @@ def curate(job: JobConfig, inputs: list[str], output: str) -> str:
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True
     res = job.resources
-    ds = ray.data.read_parquet([s.path for s in shards], filesystem=arrow_filesystem(fs))
+    ds = ray.data.read_parquet([s.path for s in shards], filesystem=arrow_filesystem(fs), schema=unified_schema(shards))
     ds = ds.map_batches(
         CheckStage,
         fn_constructor_args=(job, False),

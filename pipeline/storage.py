@@ -30,8 +30,12 @@ INTERNAL = "_pipeline"
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """An fsspec filesystem and path for a local path or URI; `s3://` honours AWS_ENDPOINT_URL."""
     options: dict[str, Any] = {}
-    if uri.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
-        options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
+    if uri.startswith("s3://"):
+        # Throttling, 5xx and dropped connections are retried with backoff by botocore.
+        options["config_kwargs"] = {"retries": {"max_attempts": 10, "mode": "adaptive"}}
+        options["skip_instance_cache"] = True  # credentials are read now, not from a cached client
+        if os.environ.get("AWS_ENDPOINT_URL"):
+            options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
     fs, path = fsspec.core.url_to_fs(uri, **options)
     return fs, path
 
@@ -72,6 +76,16 @@ class Storage:
 
     def url(self, rel: str = "") -> str:
         return f"{self.uri}/{rel}" if rel else self.uri
+
+    def check_writable(self) -> None:
+        """Write and delete a probe, so a missing bucket or denied access stops the run before GPU work."""
+        probe = f"{INTERNAL}/probe-{uuid.uuid4().hex}"
+        try:
+            self.write_bytes(probe, b"")
+            self.fs.rm(self.path(probe))
+        except (OSError, PermissionError) as e:
+            kind = "access denied" if isinstance(e, PermissionError) else type(e).__name__
+            raise OSError(f"output {self.uri} is not writable ({kind}: {e})") from None
 
     # -- plain files --------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:

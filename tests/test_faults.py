@@ -1,0 +1,72 @@
+"""Fault tests with the real engine: kill -9 of the driver mid-run, then the same command again."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import write_shard
+from pipeline.config import REPO_ROOT
+from pipeline.storage import Storage
+
+pytestmark = pytest.mark.slow
+PROMPTS = ["What is 1 + 1?", "What is 2 + 3?", "What is 5 - 2?", "What is 2 times 3?", "What is 10 + 10?", "What is 8 divided by 2?"]
+
+
+def command(shards: str, out: Path) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "generate", "--job", "jobs/demo.yaml", "--shards", shards,
+            "--output", str(out), "--set", "sampling.n=2", "--set", "sampling.max_tokens=24",
+            "--set", "resources.batch_size=2", "--set", "resources.cpu_batch_size=2"]
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """Remove what the killed driver left behind (its local Ray cluster and engines)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_kill_9_of_the_driver_then_rerun_publishes_every_sample_exactly_once(tmp_path):
+    for i in range(3):
+        write_shard(tmp_path / "in" / f"p-{i}.parquet",
+                    [{"id": f"q{i}-{j}", "prompt": PROMPTS[2 * i + j], "answer": "0"} for j in range(2)])
+    shards, out = str(tmp_path / "in" / "*.parquet"), tmp_path / "out"
+    commits = out / "_pipeline" / "commits"
+    first = subprocess.Popen(command(shards, out), cwd=REPO_ROOT, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "first.log", "wb"))
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and not (commits.exists() and any(commits.iterdir())):
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.2)
+        assert commits.exists() and any(commits.iterdir()), "no shard committed in time"
+        os.kill(first.pid, signal.SIGKILL)  # the driver dies mid-run
+        first.wait()
+    finally:
+        kill_session(first)
+    committed_before = {p.name for p in commits.iterdir()}
+    assert 1 <= len(committed_before) < 3 or not (out / "_manifest.json").exists()
+    assert not (out / "_manifest.json").exists()
+
+    again = subprocess.run(command(shards, out), cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+                           start_new_session=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.strip().splitlines()[-1] == str(out)
+
+    storage = Storage(str(out))
+    samples = pq.read_table(out / "samples").to_pylist()
+    keys = [(s["id"], s["sample_index"]) for s in samples]
+    expected = {(f"q{i}-{j}", k) for i in range(3) for j in range(2) for k in range(2)}
+    assert len(keys) == len(set(keys)) and set(keys) == expected
+    manifest = storage.read_json("_manifest.json")
+    assert manifest["stats"]["samples"] == 12
+    # the shard committed before the kill was not redone; the killed attempt's stray parts are gone
+    kept = {c.attempt for c in storage.commits().values()}
+    assert len(kept) == 2, kept
+    assert {p.rsplit("/", 1)[-1] for p in storage.list("_pipeline/attempts")} <= kept

@@ -47,7 +47,7 @@ class Checker:
         if completion is None:
             return {**sample, "reasoning": None, "final": None}
         p = split_reasoning(completion, prefilled=self.prefilled)
-        return {**sample, "reasoning": p.reasoning, "final": p.final}
+        return {**sample, "reasoning": p.reasoning, "final": p.final, "think_closes": p.think_closes}
 
     def __call__(self, samples: list[dict[str, Any]]) -> list[Verdict]:
         verdicts: list[Verdict | None] = [None] * len(samples)
@@ -56,7 +56,10 @@ class Checker:
             if s.get("completion") is None:  # nothing generated: keep the render/engine reason
                 verdicts[i] = Verdict.reject(s.get("reject_reason") or "no_answer")
                 continue
+            reasons = s.get("reasoning") is not None
             for f in self.filters:
+                if getattr(f, "reasoning_only", False) and not reasons:
+                    continue  # checks of the chain of thought: only for samples that have one
                 v = f(s)
                 if not v.ok:
                     verdicts[i] = v

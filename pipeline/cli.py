@@ -11,6 +11,7 @@ import typer
 
 from pipeline.config import DEFAULT_JOB, ConfigError, load_job, parse_sets, split_pairs
 from pipeline.read import InputError, split_spec
+from pipeline.storage import LeaseHeld
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distillation data pipeline.")
 
@@ -42,7 +43,7 @@ def generate(
     try:
         cfg = load_job(job, parse_sets(set_), shards=split_spec(shards) if shards else None, output=output)
         uri = run_generate(cfg)
-    except (ConfigError, InputError, OSError) as e:
+    except (ConfigError, InputError, OSError, LeaseHeld) as e:
         _fail(e)
     typer.echo(uri)
 

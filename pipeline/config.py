@@ -92,6 +92,22 @@ class VerifySpec(Strict):
     workers: int = Field(1, ge=1, description="Verifier processes per CPU stage actor.")
 
 
+class PromptSpec(Strict):
+    """Prompt-level curation before generation (no GPU time for duplicates or leaked benchmarks)."""
+
+    dedup: bool = Field(True, description="Skip prompts equal up to case, spacing and punctuation to an earlier one.")
+    decontaminate: list[str] = Field(default_factory=list, description="Benchmark files (jsonl/json/csv/parquet) to keep out.")
+    ngram: int = Field(8, ge=3, le=50, description="n-gram size for decontamination (open-r1 uses 8, OpenThoughts 13).")
+
+
+class SelectSpec(Strict):
+    """Rejection sampling among a prompt's accepted samples."""
+
+    keep_per_prompt: int | None = Field(None, ge=1, description="Keep at most this many accepted samples per prompt.")
+    policy: Literal["first", "shortest", "random"] = "first"
+    dedup_completions: bool = Field(True, description="Drop accepted completions identical up to case/spacing/punctuation.")
+
+
 class ResourceSpec(Strict):
     """How the run uses the cluster: the only place that talks about actors and batches."""
 
@@ -116,9 +132,17 @@ class JobConfig(Strict):
     )
     render: RenderSpec = Field(default_factory=RenderSpec)
     verify: VerifySpec = Field(default_factory=VerifySpec)
-    filters: list[UnitSpec] = Field(default_factory=lambda: [UnitSpec(name="truncated")])
+    filters: list[UnitSpec] = Field(
+        default_factory=lambda: [
+            UnitSpec(name=n)
+            for n in ("truncated", "format", "language_mixing", "repetition", "long_paragraph", "code_in_reasoning")
+        ]
+    )
+    prompts: PromptSpec = Field(default_factory=PromptSpec)
+    select: SelectSpec = Field(default_factory=SelectSpec)
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     rows_per_data_file: int = Field(100_000, ge=1)
+    lease_ttl_s: float = Field(600, ge=10, description="A run's lease on its output expires this long after its last heartbeat.")
 
     @field_validator("sampling")
     @classmethod

@@ -15,7 +15,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.card import render_card
+from pipeline.config import SelectSpec
+from pipeline import report
 from pipeline.parse import assistant_content
+from pipeline.select import select
 from pipeline.storage import Commit, Storage
 
 MANIFEST = "_manifest.json"
@@ -113,10 +116,12 @@ def data_file_names(accepted: int, rows_per_file: int) -> list[str]:
     return [f"data/train-{i:05d}-of-{n:05d}.parquet" for i in range(n)]
 
 
-def publish(storage: Storage, manifest: dict[str, Any], rows_per_file: int, started: float) -> dict[str, Any]:
+def publish(storage: Storage, manifest: dict[str, Any], rows_per_file: int, started: float,
+            selection: SelectSpec | None = None) -> dict[str, Any]:
     """Write samples/, data/, README.md from the commits, then the manifest. Returns the manifest.
 
-    `started` (epoch seconds) is when the run began; the manifest's timings end with this publish."""
+    Rejection sampling (`selection`) runs here, per committed shard, because a shard holds all
+    samples of its prompts. `started` (epoch seconds) is when the run began."""
     t0 = time.time()
     commits = [c for _, c in sorted(storage.commits().items())]
     storage.remove(MANIFEST)  # a half-republished dataset must not look complete
@@ -127,10 +132,11 @@ def publish(storage: Storage, manifest: dict[str, Any], rows_per_file: int, star
         tables = list(storage.committed_tables(c))
         table = pa.concat_tables(tables, promote_options="default") if tables else None
         if table is not None:
+            table = select(table, selection or SelectSpec())
             storage.write_table(rel, table)
             stats.add(table)
             sample_files.append(rel)
-    accepted = sum(c.accepted for c in commits)
+    accepted = stats.summary()["accepted"]
     names = data_file_names(accepted, rows_per_file)
     _write_data(storage, commits, names, rows_per_file)
     for stale in set(storage.list("data")) - set(names):
@@ -146,6 +152,9 @@ def publish(storage: Storage, manifest: dict[str, Any], rows_per_file: int, star
     manifest["timings"] = {**manifest.get("timings", {}), "publish_s": round(time.time() - t0, 2),
                            "total_s": round(time.time() - started, 2)}
     storage.write_bytes("README.md", render_card(manifest).encode())
+    storage.write_bytes("report.md", report.markdown(manifest).encode())
+    for name, png in report.plots(manifest["stats"], stats.tokens).items():
+        storage.write_bytes(name, png)
     storage.write_json(MANIFEST, manifest)
     storage.clean_attempts({c.attempt for c in commits})
     return manifest

@@ -10,6 +10,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.ngrams import Contamination, digest, normalize
 from pipeline.schemas import arrow_fields, check_columns
 from pipeline.storage import filesystem
 
@@ -100,16 +101,34 @@ def unified_schema(shards: list[Shard]) -> pa.Schema:
     return pa.schema(list(fields.values()))
 
 
-def check_ids(fs: fsspec.AbstractFileSystem, shards: list[Shard]) -> None:
-    """Ids must be non-null and unique across all shards ((id, sample_index) keys the output)."""
+def scan_prompts(fs: fsspec.AbstractFileSystem, shards: list[Shard], dedup: bool = True,
+                 contamination: Contamination | None = None) -> dict[str, str]:
+    """One pass over the id and prompt columns before any GPU work.
+
+    Ids must be non-empty and unique across all shards ((id, sample_index) keys the output).
+    Returns the prompts not to generate: id -> `duplicate` (same prompt up to case, spacing and
+    punctuation as an earlier one) or `contaminated` (shares an n-gram with a benchmark problem)."""
     first_seen: dict[str, str] = {}
+    prompts_seen: set[bytes] = set()
+    flagged: dict[str, str] = {}
     for s in shards:
         with fs.open(s.path, "rb") as f:
-            ids = pq.read_table(f, columns=["id"]).column("id").to_pylist()
-        for row, pid in enumerate(ids):
+            cols = pq.read_table(f, columns=["id", "prompt"]).to_pydict()
+        for row, (pid, prompt) in enumerate(zip(cols["id"], cols["prompt"])):
             if pid is None or not str(pid).strip():
                 raise InputError(f"{s.uri}: row {row}: column 'id' is empty")
             if pid in first_seen:
                 where = "twice in this shard" if first_seen[pid] == s.uri else f"also in {first_seen[pid]}"
                 raise InputError(f"{s.uri}: row {row}: duplicate id {pid!r} ({where})")
             first_seen[pid] = s.uri
+            if not prompt:
+                continue
+            if dedup:
+                d = digest(normalize(prompt))
+                if d in prompts_seen:
+                    flagged[pid] = "duplicate"
+                    continue
+                prompts_seen.add(d)
+            if contamination is not None and contamination.hits(prompt):
+                flagged[pid] = "contaminated"
+    return flagged

@@ -22,8 +22,9 @@ class Rendered:
 class Renderer:
     """Row -> chat-templated prompt tokens. No system prompt unless the job sets one (R1's advice)."""
 
-    def __init__(self, tokenizer: Any, job: JobConfig) -> None:
+    def __init__(self, tokenizer: Any, job: JobConfig, flagged: dict[str, str] | None = None) -> None:
         self.tokenizer = tokenizer
+        self.flagged = flagged or {}
         self.system_prompt = job.render.system_prompt
         self.instructions = job.render.instructions
         self.prefill = THINK_PREFILL if job.think_prefill else ""
@@ -41,6 +42,8 @@ class Renderer:
         prompt = row.get("prompt")
         if prompt is None or not prompt.strip():
             return Rendered(None, None, "empty_prompt")
+        if row.get("id") in self.flagged:  # duplicate or contaminated (pre-flight scan)
+            return Rendered(None, None, self.flagged[row["id"]])
         if row.get("domain") not in self.domains:  # no GPU time for rows nothing can verify
             return Rendered(None, None, "unknown_domain")
         messages = [{"role": "user", "content": self.user_turn(prompt, row.get("domain") or "")}]
@@ -59,10 +62,10 @@ class Renderer:
 class RenderStage:
     """Ray Data UDF: adds `rendered`, `prompt_token_ids` and a render-time `reject_reason`."""
 
-    def __init__(self, job: JobConfig) -> None:
+    def __init__(self, job: JobConfig, flagged: dict[str, str] | None = None) -> None:
         from transformers import AutoTokenizer
 
-        self.renderer = Renderer(AutoTokenizer.from_pretrained(job.model.path), job)
+        self.renderer = Renderer(AutoTokenizer.from_pretrained(job.model.path), job, flagged)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         results = [self.renderer(row) for row in batch.to_pylist()]

@@ -6,14 +6,16 @@ sizes). Stages are plain callables; storage and publishing know nothing of Ray.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
+import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from importlib import metadata
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 
@@ -21,7 +23,8 @@ from pipeline.check import CheckStage
 from pipeline.config import ConfigError, JobConfig
 from pipeline.generate import EngineStage
 from pipeline.publish import publish
-from pipeline.read import Shard, check_ids, resolve, unified_schema
+from pipeline.ngrams import Contamination
+from pipeline.read import Shard, resolve, scan_prompts, unified_schema
 from pipeline.render import RenderStage
 from pipeline.schemas import INTERNAL_COLUMNS, reserved_prompt_columns
 from pipeline.storage import Commit, Storage, arrow_filesystem
@@ -113,18 +116,60 @@ def generate(job: JobConfig) -> str:
     """Run the whole pipeline for a job; returns the URI of the published dataset."""
     started = time.time()
     fs, shards = resolve(job.shards)
-    check_ids(fs, shards)
     preflight(job)
+    flagged = scan_prompts(fs, shards, job.prompts.dedup, benchmark(job))
+    if flagged:
+        log.info("not generating %d prompts: %s", len(flagged), dict(Counter(flagged.values())))
     storage = Storage(job.output)
     storage.check_writable()
+    attempt = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    with held_lease(storage, attempt, job.lease_ttl_s):
+        return _generate(job, fs, shards, storage, attempt, started, flagged)
+
+
+@contextlib.contextmanager
+def held_lease(storage: Storage, attempt: str, ttl_s: float) -> Iterator[None]:
+    """Hold the output's lease for the block, renewing it from a background thread."""
+    storage.acquire_lease(attempt, ttl_s)
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.wait(ttl_s / 4):
+            try:
+                storage.renew_lease(attempt)
+            except Exception as e:  # the next commit will fail clearly if the lease is really gone
+                log.warning("lease renewal failed: %s", e)
+
+    thread = threading.Thread(target=heartbeat, name="lease-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        storage.release_lease(attempt)
+
+
+def benchmark(job: JobConfig) -> Contamination | None:
+    """The n-grams of the benchmark problems the job names (their `problem`/`question`/`prompt`)."""
+    if not job.prompts.decontaminate:
+        return None
+    from pipeline.prepare import iter_rows
+
+    texts = (r.get("problem") or r.get("question") or r.get("prompt") or ""
+             for path in job.prompts.decontaminate for _, _, r in iter_rows(path))
+    return Contamination(texts, job.prompts.ngram)
+
+
+def _generate(job: JobConfig, fs: Any, shards: list[Shard], storage: Storage, attempt: str, started: float,
+              flagged: dict[str, str]) -> str:
     committed = storage.commits()
     todo = [s for s in shards if s.unit not in committed]
     log.info("%d shards (%d rows), %d already committed", len(shards), sum(s.rows for s in shards), len(shards) - len(todo))
-    attempt = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     timings: dict[str, float] = {}
     if todo:
         t0 = time.time()
-        _execute(job, fs, todo, storage, attempt)
+        _execute(job, fs, todo, storage, attempt, flagged)
         timings["generate_s"] = round(time.time() - t0, 2)
     manifest = {
         "run_id": attempt,
@@ -135,7 +180,7 @@ def generate(job: JobConfig) -> str:
         "shards": [s.uri for s in shards],
         "timings": timings,
     }
-    publish(storage, manifest, job.rows_per_data_file, started)
+    publish(storage, manifest, job.rows_per_data_file, started, job.select)
     return storage.url()
 
 
@@ -158,7 +203,7 @@ def check_fits(job: JobConfig, cluster: dict[str, float], use_gpu: bool) -> None
         )
 
 
-def _execute(job: JobConfig, fs: Any, shards: list[Shard], storage: Storage, attempt: str) -> None:
+def _execute(job: JobConfig, fs: Any, shards: list[Shard], storage: Storage, attempt: str, flagged: dict[str, str]) -> None:
     import ray
     from tqdm import tqdm
 
@@ -169,13 +214,12 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], storage: Storage, att
     cluster = ray.cluster_resources()
     use_gpu = cluster.get("GPU", 0) > 0
     check_fits(job, cluster, use_gpu)
-    cpu_stage = {"batch_format": "pyarrow", "concurrency": res.cpu_actors, "num_cpus": res.cpu_stage_cpus,
-                 "fn_constructor_args": (job,)}
+    cpu_stage = {"batch_format": "pyarrow", "concurrency": res.cpu_actors, "num_cpus": res.cpu_stage_cpus}
     ds = ray.data.read_parquet(
         [s.path for s in shards], filesystem=arrow_filesystem(fs), include_paths=True, schema=unified_schema(shards),
         num_cpus=res.cpu_stage_cpus,
     )
-    ds = ds.map_batches(RenderStage, batch_size=res.cpu_batch_size, **cpu_stage)
+    ds = ds.map_batches(RenderStage, fn_constructor_args=(job, flagged), batch_size=res.cpu_batch_size, **cpu_stage)
     ds = ds.map_batches(
         EngineStage,
         fn_constructor_args=(job,),
@@ -187,7 +231,7 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], storage: Storage, att
         max_restarts=-1,
         max_task_retries=-1,
     )
-    ds = ds.map_batches(CheckStage, batch_size=res.cpu_batch_size, **cpu_stage)
+    ds = ds.map_batches(CheckStage, fn_constructor_args=(job,), batch_size=res.cpu_batch_size, **cpu_stage)
     writer = UnitWriter(storage, attempt, shards, job.n)
     total = sum(s.rows for s in shards) * job.n
     with tqdm(total=total, unit="sample", desc="samples", disable=None) as bar:

@@ -15,6 +15,8 @@ import io
 import json
 import os
 import posixpath
+import socket
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -51,6 +53,23 @@ def table_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()
+
+
+class LeaseHeld(RuntimeError):
+    """Another run is writing to this output."""
+
+
+def _lease_stale(held: dict[str, Any], ttl_s: float) -> bool:
+    if time.time() - float(held.get("heartbeat", 0)) > ttl_s:
+        return True
+    if held.get("host") == socket.gethostname():
+        try:
+            os.kill(int(held["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+    return False
 
 
 @dataclass(frozen=True)
@@ -203,6 +222,44 @@ class Storage:
     def committed_tables(self, commit: Commit) -> Iterator[pa.Table]:
         for part in commit.parts:
             yield self.read_table(part)
+
+    # -- run lease: one run per output at a time -------------------------------------------------
+    LEASE = f"{INTERNAL}/lease.json"
+
+    def acquire_lease(self, attempt: str, ttl_s: float) -> None:
+        """Become the only run writing here, or raise LeaseHeld naming the holder.
+
+        A lease is stale when its heartbeat is older than `ttl_s`, or when its holder was a process
+        on this host that no longer exists (a driver killed with -9 and restarted at once)."""
+        me = {"attempt": attempt, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+        for _ in range(2):
+            if self.create_exclusive(self.LEASE, json.dumps(me).encode()):
+                return
+            try:
+                held = self.read_json(self.LEASE)
+            except FileNotFoundError:
+                continue
+            if not _lease_stale(held, ttl_s):
+                age = time.time() - held["heartbeat"]
+                raise LeaseHeld(
+                    f"another run (attempt {held['attempt']}, {held['host']} pid {held['pid']}) is writing {self.uri} "
+                    f"(heartbeat {age:.0f}s ago); if it is dead, rerun after {ttl_s:.0f}s or delete {self.LEASE}"
+                )
+            self.remove(self.LEASE)
+        raise LeaseHeld(f"could not take the lease on {self.uri}: another run took it first")
+
+    def renew_lease(self, attempt: str) -> None:
+        held = self.read_json(self.LEASE)
+        if held.get("attempt") != attempt:
+            raise LeaseHeld(f"lost the lease on {self.uri} to attempt {held.get('attempt')}")
+        self.write_json(self.LEASE, {**held, "heartbeat": time.time()})
+
+    def release_lease(self, attempt: str) -> None:
+        try:
+            if self.read_json(self.LEASE).get("attempt") == attempt:
+                self.remove(self.LEASE)
+        except FileNotFoundError:
+            pass
 
     def clean_attempts(self, keep: set[str]) -> None:
         """Delete attempt folders no commit refers to (failed or losing attempts)."""

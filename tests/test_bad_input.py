@@ -6,14 +6,14 @@ import pytest
 
 from conftest import PROMPT_SCHEMA, write_shard
 from pipeline.config import load_job
-from pipeline.read import InputError, check_ids, resolve, unified_schema
+from pipeline.read import InputError, resolve, scan_prompts, unified_schema
 from pipeline.render import Renderer
 from pipeline.storage import Storage
 
 
 def preflight(*patterns):
     fs, shards = resolve([str(p) for p in patterns])
-    check_ids(fs, shards)
+    scan_prompts(fs, shards)
     return shards
 
 
@@ -123,3 +123,16 @@ def test_denied_access_is_a_clear_error_without_the_secret(s3, bucket, monkeypat
     with pytest.raises(OSError, match=f"output s3://{bucket}/out is not writable") as e:
         Storage(f"s3://{bucket}/out").check_writable()
     assert "wrong-secret-value" not in str(e.value) and s3["AWS_SECRET_ACCESS_KEY"] not in str(e.value)
+
+
+def test_duplicate_and_contaminated_prompts_are_flagged_before_generation(tmp_path):
+    from pipeline.ngrams import Contamination
+
+    a = write_shard(tmp_path / "a.parquet", [{"id": "1", "prompt": "What is 2+2?"}, {"id": "2", "prompt": "Find all real x with x^2 - 5x + 6 = 0 and sum them."}])
+    b = write_shard(tmp_path / "b.parquet", [{"id": "3", "prompt": "what is 2 + 2"}, {"id": "4", "prompt": "What is 3+3?"}])
+    fs, shards = resolve([str(a), str(b)])
+    bench = Contamination(["Find all real x with x^2 - 5x + 6 = 0 and sum them."], n=8)
+    assert scan_prompts(fs, shards, True, bench) == {"2": "contaminated", "3": "duplicate"}
+    assert scan_prompts(fs, shards, False, None) == {}
+    renderer = Renderer(CharTokenizer(), load_job(None), {"3": "duplicate"})
+    assert renderer({"id": "3", "prompt": "what is 2 + 2", "domain": "math"}).reject_reason == "duplicate"

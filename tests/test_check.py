@@ -25,14 +25,14 @@ def test_stage_sets_verdict_columns_in_order():
                 {"id": "c", "completion": "2+3 is ... and so on", "finish_reason": "length"},
                 {"id": "d", "completion": None, "reject_reason": "empty_prompt"},
                 {"id": "e", "completion": "\\boxed{5}", "domain": "astrology"},
-                {"id": "f", "completion": "<think>\n2+3=5\n</think>\n\n\\boxed{5}"},
+                {"id": "f", "completion": "<think>\nAdding 2 and 3 gives 5.\n</think>\n\n\\boxed{5}"},
             ]
         )
     ).to_pylist()
     assert [r["id"] for r in out] == list("abcdef")
     assert [r["accepted"] for r in out] == [True, False, False, False, False, True]
     assert [r["reject_reason"] for r in out] == [None, "answer_mismatch", "truncated", "empty_prompt", "unknown_domain", None]
-    assert out[5]["reasoning"] == "2+3=5" and out[5]["final"] == "\\boxed{5}"
+    assert out[5]["reasoning"] == "Adding 2 and 3 gives 5." and out[5]["final"] == "\\boxed{5}"
     stage.checker.close()
 
 

@@ -51,6 +51,9 @@ def test_publish_splits_data_files_and_writes_the_manifest_last(tmp_path):
         "reasons": {"answer_mismatch": 10}}
     assert storage.read_json("_manifest.json")["files"] == manifest["files"]
     assert storage.list("_pipeline/attempts") == ["_pipeline/attempts/att1"]
+    assert storage.read_bytes("reasons.png").startswith(b"\x89PNG") and storage.read_bytes("lengths.png").startswith(b"\x89PNG")
+    rep = storage.read_bytes("report.md").decode()
+    assert "| math | `answer_mismatch` | 10 | 50.0% |" in rep and "![lengths](lengths.png)" in rep
     card = storage.read_bytes("README.md").decode()
     assert card.startswith("---\nconfigs:") and "path: data/train-*.parquet" in card and "num_examples: 10" in card
     # publishing again gives the same files, and stale data files from another layout are removed
@@ -66,3 +69,26 @@ def test_no_accepted_sample_still_publishes_a_loadable_empty_file(tmp_path):
     (rel,) = manifest["files"]["data"]
     t = storage.read_table(rel)
     assert t.num_rows == 0 and "messages" in t.column_names
+
+
+def test_rejection_sampling_keeps_k_per_prompt_and_drops_identical_completions():
+    from pipeline.config import SelectSpec
+    from pipeline.select import select
+
+    rows = []
+    for pid, comps in {"p": ["A long answer, 4.", "a long answer 4", "Short: 4.", "Another way: 4."], "q": ["x=1", "wrong"]}.items():
+        for i, c in enumerate(comps):
+            ok = c != "wrong"
+            rows.append({"id": pid, "sample_index": i, "accepted": ok, "reject_reason": None if ok else "answer_mismatch",
+                         "completion": c, "completion_tokens": len(c)})
+    t = pa.Table.from_pylist(rows)
+    out = select(t, SelectSpec(keep_per_prompt=2, policy="shortest")).to_pylist()
+    assert [(r["id"], r["sample_index"], r["accepted"], r["reject_reason"]) for r in out] == [
+        ("p", 0, False, "not_selected"), ("p", 1, False, "duplicate_completion"), ("p", 2, True, None),
+        ("p", 3, True, None), ("q", 0, True, None), ("q", 1, False, "answer_mismatch")]
+    first = select(t, SelectSpec(keep_per_prompt=1)).to_pylist()
+    assert [r["accepted"] for r in first] == [True, False, False, False, True, False]
+    rnd1 = select(t, SelectSpec(keep_per_prompt=1, policy="random")).column("accepted").to_pylist()
+    assert rnd1 == select(t, SelectSpec(keep_per_prompt=1, policy="random")).column("accepted").to_pylist()
+    assert sum(rnd1[:4]) == 1
+    assert select(t, SelectSpec(dedup_completions=False)).equals(t)

@@ -63,3 +63,33 @@ def test_clean_attempts_keeps_committed_ones(storage):
         storage.write_table(storage.part_path(att, "u", 0), pa.table({"x": [1]}))
     storage.clean_attempts({"keep"})
     assert [p.rsplit("/", 1)[-1] for p in storage.list("_pipeline/attempts")] == ["keep"]
+
+
+def test_a_second_run_on_the_same_output_stops_clearly(storage):
+    from pipeline.storage import LeaseHeld
+
+    storage.acquire_lease("run-a", ttl_s=600)
+    with pytest.raises(LeaseHeld, match=r"another run \(attempt run-a, .* pid \d+\) is writing"):
+        storage.acquire_lease("run-b", ttl_s=600)
+    storage.renew_lease("run-a")
+    storage.release_lease("run-a")
+    storage.acquire_lease("run-b", ttl_s=600)  # free again
+    with pytest.raises(LeaseHeld, match="lost the lease"):
+        storage.renew_lease("run-a")
+
+
+def test_a_lease_left_by_a_killed_driver_is_taken_over(storage):
+    import json
+    import socket
+    import subprocess
+    import time
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    storage.write_bytes(storage.LEASE, json.dumps(
+        {"attempt": "killed", "host": socket.gethostname(), "pid": dead.pid, "heartbeat": time.time()}).encode())
+    storage.acquire_lease("rerun", ttl_s=600)  # same host, holder gone: stale at once
+    storage.write_bytes(storage.LEASE, json.dumps(
+        {"attempt": "elsewhere", "host": "other-node", "pid": 1, "heartbeat": time.time() - 700}).encode())
+    storage.acquire_lease("rerun-2", ttl_s=600)  # another host, heartbeat past the TTL
+    assert storage.read_json(storage.LEASE)["attempt"] == "rerun-2"

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from fractions import Fraction
 
 from pipeline.units import Sample, Verdict
 from pipeline.verify.extract import extract_answer
 from pipeline.verify.registry import VERIFIERS
+
+# Math-Verify warns on every call that its own timeout is off; ours is the worker pool's hard kill.
+logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 _SPACE = re.compile(r"\s+|\\[,;! ]|\\quad|\\qquad")
 _WRAPPERS = re.compile(r"^\\(?:text|textbf|mathrm|mathbf)\{(.*)\}$")

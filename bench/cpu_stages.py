@@ -1,0 +1,113 @@
+"""CPU-stage throughput on this machine: readability filters on 8k-token traces, math verification.
+
+Run with `make bench-cpu`; prints a table and writes bench/results/cpu_stages.json.
+Traces are built from varied English and Chinese reasoning sentences (numbers randomised so that
+they do not compress like loops) and cut to 8,000 tokens of the default model's tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from corpus.readability import CLEAN_EN, CLEAN_ZH  # noqa: E402
+
+from pipeline.check import Checker  # noqa: E402
+from pipeline.config import DEFAULT_MODEL_DIR, load_job  # noqa: E402
+from pipeline.filter import FILTERS  # noqa: E402
+from pipeline.verify import VERIFIERS  # noqa: E402
+
+TARGETS = {"filters_per_s_per_core": 1000, "math_verifications_per_s_per_core": 300}
+
+
+def traces(n: int, tokens: int, zh: bool) -> list[str]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+    rng = random.Random(0)
+    pool = [s for t in (CLEAN_ZH if zh else CLEAN_EN) for s in t.replace("\n\n", "\n\n|").split("|")]
+    out = []
+    for _ in range(n):
+        parts: list[str] = []
+        while True:
+            s = rng.choice(pool)
+            s = "".join(str(rng.randint(0, 999)) if c.isdigit() else c for c in s)
+            parts.append(s)
+            text = "".join(parts)
+            if len(text) > tokens * (1.2 if zh else 3.0):
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+                if len(ids) >= tokens:
+                    out.append(tok.decode(ids[:tokens]))
+                    break
+    return out
+
+
+def bench_filters(zh: bool) -> dict[str, float]:
+    job = load_job(None)
+    filters = [FILTERS.build(f.name, **f.params) for f in job.filters]
+    samples = [
+        {"prompt": "求和" if zh else "What is the sum?", "domain": "math", "reasoning": t, "final": "\\boxed{1}",
+         "completion": f"<think>\n{t}\n</think>\n\n\\boxed{{1}}", "think_closes": 1, "finish_reason": "stop"}
+        for t in traces(40, 8000, zh)
+    ]
+    rounds = 5
+    t0 = time.perf_counter()
+    verdicts = []
+    for _ in range(rounds):
+        for s in samples:
+            for f in filters:
+                v = f(s)
+                if not v.ok:
+                    verdicts.append(v.reason)
+                    break
+    rate = rounds * len(samples) / (time.perf_counter() - t0)
+    return {"samples_per_s": round(rate), "rejected_share": round(len(verdicts) / (rounds * len(samples)), 3)}
+
+
+MATH_CASES = [("42", "The answer is $\\boxed{42}$."), ("\\frac{3}{4}", "So $\\boxed{\\frac{3}{4}}$."),
+              ("0.75", "\\boxed{\\frac{3}{4}}"), ("2\\sqrt{2}", "\\boxed{\\sqrt{8}}"), ("x^2+1", "\\boxed{1+x^2}"),
+              ("17", "\\boxed{18}"), ("\\pi", "\\boxed{\\pi}"), ("1000", "\\boxed{1,000}")]
+
+
+def bench_math() -> dict[str, float]:
+    """Through the real path: the check stage's isolated worker pool (1 worker = 1 core)."""
+    job = load_job(None, verify={"workers": 1}, filters=[])
+    checker = Checker(job)
+    samples = [{"id": str(i), "domain": "math", "answer": g, "final": f, "completion": f, "finish_reason": "stop"}
+               for i, (g, f) in enumerate(MATH_CASES * 100)]
+    checker(samples[:20])  # warm the worker (imports sympy)
+    t0 = time.perf_counter()
+    verdicts = checker(samples)
+    rate = len(samples) / (time.perf_counter() - t0)
+    checker.close()
+    inline = VERIFIERS.build("math")
+    t0 = time.perf_counter()
+    for s in samples:
+        inline(s)
+    return {"pool_answers_per_s": round(rate), "in_process_answers_per_s": round(len(samples) / (time.perf_counter() - t0)),
+            "accepted_share": round(sum(v.ok for v in verdicts) / len(verdicts), 3)}
+
+
+def main() -> None:
+    results = {
+        "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine()},
+        "filters_8k_tokens_en": bench_filters(zh=False),
+        "filters_8k_tokens_zh": bench_filters(zh=True),
+        "math_verify": bench_math(),
+        "targets": TARGETS,
+    }
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cpu_stages.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The run report: Markdown tables plus PNG plots (reject reasons, completion lengths)."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+PLOTS = ("reasons.png", "lengths.png")
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def plots(stats: dict[str, Any], tokens: dict[str, list[int]]) -> dict[str, bytes]:
+    """PNG bytes by file name: reasons per domain (stacked bars) and completion token histograms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = list(stats["domains"])
+    reasons = sorted({r for d in stats["domains"].values() for r in d["reasons"]} | {"accepted"})
+    fig, ax = plt.subplots(figsize=(7, 3 + 0.3 * len(domains)))
+    left = [0.0] * len(domains)
+    for reason in reasons:
+        values = [stats["domains"][d]["accepted"] if reason == "accepted" else stats["domains"][d]["reasons"].get(reason, 0)
+                  for d in domains]
+        ax.barh(domains, values, left=left, label=reason)
+        left = [a + b for a, b in zip(left, values)]
+    ax.set_xlabel("samples")
+    ax.set_title("Samples by outcome")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
+    out = {"reasons.png": _png(fig)}
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for label, values in tokens.items():
+        if values:
+            ax.hist(values, bins=40, alpha=0.6, label=f"{label} (n={len(values)})")
+    ax.set_xlabel("completion tokens")
+    ax.set_ylabel("samples")
+    ax.set_title("Completion length: accepted vs rejected")
+    ax.legend()
+    out["lengths.png"] = _png(fig)
+    plt.close(fig)
+    return out
+
+
+def markdown(manifest: dict[str, Any]) -> str:
+    """The human-readable report; it embeds the PNGs written next to it."""
+    stats = manifest["stats"]
+    lines = [
+        f"# Run report: {manifest.get('job', {}).get('name', '')}",
+        "",
+        f"- run `{manifest.get('run_id')}`, model `{manifest.get('model')}`, output `{manifest.get('output')}`",
+        f"- samples {stats['samples']}, accepted {stats['accepted']} ({stats['accept_rate']:.1%})",
+        f"- timings: {manifest.get('timings', {})}",
+        "",
+        "| domain | samples | accepted | accept rate | prompts | prompts with ≥1 accepted |",
+        "|---|---|---|---|---|---|",
+    ]
+    for dom, d in stats["domains"].items():
+        share = d["prompts_with_accepted"] / d["prompts"] if d["prompts"] else 0.0
+        lines.append(f"| {dom} | {d['samples']} | {d['accepted']} | {d['accept_rate']:.1%} | {d['prompts']} | "
+                     f"{d['prompts_with_accepted']} ({share:.0%}) |")
+    lines += ["", "## Reject reasons", "", "| domain | reason | samples | share of domain |", "|---|---|---|---|"]
+    for dom, d in stats["domains"].items():
+        for reason, n in sorted(d["reasons"].items(), key=lambda kv: -kv[1]):
+            lines.append(f"| {dom} | `{reason}` | {n} | {n / d['samples']:.1%} |")
+    lines += ["", "## Completion tokens", "", "| | mean | p50 | p90 | max |", "|---|---|---|---|---|"]
+    for label, q in stats["completion_tokens"].items():
+        if q:
+            lines.append(f"| {label} | {q['mean']} | {q['p50']} | {q['p90']} | {q['max']} |")
+    lines += ["", "![outcomes](reasons.png)", "", "![lengths](lengths.png)", ""]
+    return "\n".join(lines)

@@ -12,8 +12,9 @@ S3_PORT ?= 8333
 setup:
 	bash scripts/setup.sh
 
+# With RAY_ADDRESS set, the run is submitted to that cluster (`ray job submit`, stable submission id).
 generate:
-	$(PY) -m pipeline generate --job $(JOB) $(if $(SHARDS),--shards '$(SHARDS)') $(if $(OUTPUT),--output '$(OUTPUT)')
+	$(PY) -m pipeline $(if $(RAY_ADDRESS),submit,generate) --job $(JOB) $(if $(SHARDS),--shards '$(SHARDS)') $(if $(OUTPUT),--output '$(OUTPUT)')
 
 # make prepare SOURCE=gsm8k.jsonl FORMAT=gsm8k OUT=prompts/gsm8k [ARGS='--rows-per-shard 5000']
 prepare:

@@ -13,7 +13,9 @@ from pipeline.config import DEFAULT_JOB, ConfigError, load_job, parse_sets, spli
 from pipeline.read import InputError, split_spec
 from pipeline.storage import LeaseHeld
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distillation data pipeline.")
+# No locals in tracebacks: they could hold credentials.
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distillation data pipeline.",
+                  pretty_exceptions_show_locals=False)
 
 
 def _fail(e: Exception) -> None:
@@ -113,3 +115,46 @@ def prepare(
         typer.echo(f"  ... {len(report.bad_rows) - 20} more in {output}/_prepare_report.json", err=True)
     typer.echo(output)
 
+
+
+@app.command()
+def submit(
+    job: Path = typer.Option(DEFAULT_JOB, "--job", help="Job spec (YAML), relative to the repo root."),
+    shards: Optional[str] = typer.Option(None, help="Glob or comma-separated list of local paths / s3:// URIs."),
+    output: Optional[str] = typer.Option(None, help="Output folder or s3:// URI."),
+    set_: list[str] = typer.Option([], "--set", help="Override a job key (repeatable)."),
+    dry_run: bool = typer.Option(False, help="Print the submission command instead of running it."),
+) -> None:
+    """Submit `generate` to the Ray cluster at RAY_ADDRESS, with a stable submission id.
+
+    The id is a hash of the resolved job, so retrying the same command cannot start a twin run:
+    Ray refuses a second job with the same submission id."""
+    import hashlib
+    import json
+    import os
+    import shlex
+    import subprocess
+
+    try:
+        cfg = load_job(job, parse_sets(set_), shards=split_spec(shards) if shards else None, output=output)
+    except ConfigError as e:
+        _fail(e)
+    digest = hashlib.sha1(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+    submission_id = f"distill-{cfg.name}-{digest}"
+    job_arg = os.path.relpath(job) if os.path.abspath(job).startswith(os.getcwd() + os.sep) else str(job)
+    entry = ["python", "-m", "pipeline", "generate", "--job", job_arg]
+    entry += ["--shards", shards] if shards else []
+    entry += ["--output", output] if output else []
+    for item in set_:
+        entry += ["--set", item]
+    runtime_env = {"working_dir": ".", "excludes": [".venv", ".cache", "out", ".git", "bench/tmp"]}
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    cmd = [ray_cli if os.path.exists(ray_cli) else "ray", "job", "submit", "--submission-id", submission_id,
+           "--runtime-env-json", json.dumps(runtime_env), "--", *entry]
+    if dry_run or not os.environ.get("RAY_ADDRESS"):
+        if not dry_run:
+            typer.echo("RAY_ADDRESS is not set: nothing submitted; the command would be:", err=True)
+        typer.echo(shlex.join(cmd))
+        return
+    typer.echo(f"submission id {submission_id} (a retry of this command is refused by Ray)", err=True)
+    raise typer.Exit(subprocess.call(cmd))

@@ -69,6 +69,41 @@ def preflight(job: JobConfig) -> None:
         raise ConfigError(f"sampling: {e}") from None
 
 
+class Progress:
+    """A log line every `every_s` (samples/s, output tokens/s, accept rate, ETA) and Ray metrics
+    (exported to Prometheus by Ray's metrics agent) for dashboards and alerts."""
+
+    def __init__(self, total: int, every_s: float = 30.0) -> None:
+        from ray.util import metrics
+
+        self.total, self.every_s = total, every_s
+        self.samples = self.tokens = self.accepted = 0
+        self.t0 = self.last = time.monotonic()
+        self.m_samples = metrics.Counter("distill_samples", "Samples written")
+        self.m_accepted = metrics.Counter("distill_accepted", "Samples accepted")
+        self.m_tokens = metrics.Counter("distill_output_tokens", "Completion tokens generated")
+
+    def add(self, batch: pa.Table) -> None:
+        tokens = sum(t or 0 for t in batch.column("completion_tokens").to_pylist())
+        accepted = sum(batch.column("accepted").to_pylist())
+        self.samples += batch.num_rows
+        self.tokens += tokens
+        self.accepted += accepted
+        for metric, value in ((self.m_samples, batch.num_rows), (self.m_tokens, tokens), (self.m_accepted, accepted)):
+            if value:  # Ray's counters refuse increments of 0
+                metric.inc(value)
+        now = time.monotonic()
+        if now - self.last >= self.every_s or self.samples == self.total:
+            self.last = now
+            log.info("%s", self.line(now - self.t0))
+
+    def line(self, elapsed: float) -> str:
+        rate = self.samples / elapsed if elapsed else 0.0
+        eta = (self.total - self.samples) / rate if rate else float("nan")
+        return (f"{self.samples}/{self.total} samples, {rate:.2f} samples/s, {self.tokens / max(elapsed, 1e-9):.1f} "
+                f"output tok/s, accept rate {self.accepted / max(self.samples, 1):.1%}, ETA {eta:.0f}s")
+
+
 class UnitWriter:
     """Streams result batches into attempt parts and commits each shard once all its samples arrived."""
 
@@ -234,9 +269,11 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], storage: Storage, att
     ds = ds.map_batches(CheckStage, fn_constructor_args=(job,), batch_size=res.cpu_batch_size, **cpu_stage)
     writer = UnitWriter(storage, attempt, shards, job.n)
     total = sum(s.rows for s in shards) * job.n
+    progress = Progress(total)
     with tqdm(total=total, unit="sample", desc="samples", disable=None) as bar:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             bar.update(writer.add(batch))
+            progress.add(batch)
     missing = writer.missing()
     if missing:
         raise RuntimeError(f"shards incomplete after the run (rerun to finish them): {missing}")

@@ -253,6 +253,35 @@ class PrepareOptions:
     ngram: int = 8
 
 
+class ShardWriter:
+    """Writes rows into `<name>-00000.parquet`, ... of `rows_per_shard` rows each, streaming."""
+
+    def __init__(self, storage: Storage, name: str, rows_per_shard: int, report: Report) -> None:
+        self.storage, self.name, self.rows_per_shard, self.report = storage, name, rows_per_shard, report
+        self._ctx: Any = None
+        self._writer: pq.ParquetWriter | None = None
+        self._rows = 0
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        while rows:
+            if self._writer is None:
+                rel = f"{self.name}-{len(self.report.shards):05d}.parquet"
+                self._ctx = self.storage.parquet_writer(rel, PROMPT_SCHEMA)
+                self._writer = self._ctx.__enter__()
+                self.report.shards.append(self.storage.url(rel))
+            take = rows[: self.rows_per_shard - self._rows]
+            self._writer.write_table(conform(pa.Table.from_pylist(take, schema=PROMPT_SCHEMA), "prompt"))
+            self._rows += len(take)
+            rows = rows[len(take):]
+            if self._rows == self.rows_per_shard:
+                self.close()
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(None, None, None)
+        self._ctx, self._writer, self._rows = None, None, 0
+
+
 def stable_id(source: str, prompt: str) -> str:
     return f"{source}-{digest(source + chr(0) + normalize(prompt)).hex()}"
 
@@ -264,16 +293,13 @@ def prepare(source: str, output: str, convert: Callable[[dict[str, Any]], dict[s
     contamination = Contamination((r.get("prompt") or r.get("problem") or r.get("question") or ""
                                    for p in opts.decontaminate for _, _, r in iter_rows(p)), opts.ngram) \
         if opts.decontaminate else None
-    seen_exact: set[bytes] = set()
-    seen_near: set[bytes] = set()
-    seen_ids: set[str] = set()
+    # Dedup state is 8-byte digests as ints (~70 bytes a prompt in a set); rows themselves stream
+    # to the shard being written, a row group at a time, so memory does not grow with the source.
+    seen_exact: set[int] = set()
+    seen_near: set[int] = set()
+    seen_ids: set[str] = set()  # only for the source's own ids; hash ids are unique once deduped
     pending: list[dict[str, Any]] = []
-
-    def flush() -> None:
-        rel = f"{opts.shard_name}-{len(report.shards):05d}.parquet"
-        storage.write_table(rel, conform(pa.Table.from_pylist(pending, schema=PROMPT_SCHEMA), "prompt"))
-        report.shards.append(storage.url(rel))
-        pending.clear()
+    shard = ShardWriter(storage, opts.shard_name, opts.rows_per_shard, report)
 
     for where, line, row in iter_rows(source):
         report.read += 1
@@ -291,7 +317,8 @@ def prepare(source: str, output: str, convert: Callable[[dict[str, Any]], dict[s
                 raise BadRow(f"{where}:{line}: {e}") from None
             continue
         if opts.dedup:
-            exact, near = digest(prompt.strip()), digest(normalize(prompt))
+            exact = int.from_bytes(digest(prompt.strip()), "big")
+            near = int.from_bytes(digest(normalize(prompt)), "big")
             if exact in seen_exact:
                 report.dropped["duplicate"] += 1
                 continue
@@ -304,17 +331,21 @@ def prepare(source: str, output: str, convert: Callable[[dict[str, Any]], dict[s
             report.dropped["contaminated"] += 1
             continue
         own = row.get(opts.id_column) if opts.id_column else None
-        pid = f"{opts.source_name}-{own}" if own not in (None, "") else stable_id(opts.source_name, prompt)
-        if pid in seen_ids:
-            report.dropped["duplicate_id"] += 1
-            report.bad_rows.append({"file": where, "row": line, "error": f"duplicate id {pid}"})
-            continue
-        seen_ids.add(pid)
+        if own not in (None, ""):
+            pid = f"{opts.source_name}-{own}"
+            if pid in seen_ids:
+                report.dropped["duplicate_id"] += 1
+                report.bad_rows.append({"file": where, "row": line, "error": f"duplicate id {pid}"})
+                continue
+            seen_ids.add(pid)
+        else:
+            pid = stable_id(opts.source_name, prompt)
         pending.append({"answer": None, "tests": None, **out, "id": pid, "source": opts.source_name})
         report.written += 1
-        if len(pending) >= opts.rows_per_shard:
-            flush()
-    if pending:
-        flush()
+        if len(pending) >= BATCH_ROWS:
+            shard.write(pending)
+            pending = []
+    shard.write(pending)
+    shard.close()
     storage.write_json("_prepare_report.json", report.as_dict())
     return report

@@ -245,6 +245,9 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], storage: Storage, att
     init_ray()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
+    # One read task per shard file, however small: shards are the commit unit, and Ray Data would
+    # otherwise pack small files into one read (then nothing commits until all of them are done).
+    ctx.target_min_block_size = 1
     res = job.resources
     cluster = ray.cluster_resources()
     use_gpu = cluster.get("GPU", 0) > 0

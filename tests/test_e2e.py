@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import fsspec
 import pyarrow.parquet as pq
@@ -76,14 +74,28 @@ def test_generate_reads_and_writes_s3(tiny_job, ray_local, bucket):
     assert "vllm" in json.dumps(manifest["versions"])
 
 
-def test_cli_generate_prints_the_dataset_uri_last(tmp_path):
-    out = tmp_path / "cli-out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "generate", "--job", "jobs/demo.yaml",
-         "--shards", str(DEMO / "prompts-00000.parquet"), "--output", str(out),
-         "--set", "sampling.n=1", "--set", "sampling.max_tokens=16"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-    )
+def test_curate_existing_generations_keeps_every_row_in_order(tmp_path, ray_local):
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+
+    rows = [
+        {"id": "a", "prompt": "What is 2+3?", "domain": "math", "answer": "5",
+         "completion": "<think>\nTwo plus three makes five, I am sure.\n</think>\n\nThe answer is $\\boxed{5}$."},
+        {"id": "b", "prompt": "What is 2+3?", "domain": "math", "answer": "5", "completion": "\\boxed{6}"},
+        {"id": "c", "prompt": "What is 2+3?", "domain": "math", "answer": "5", "completion": "Five.", "finish_reason": "length"},
+        {"id": "d", "prompt": "Say hi", "domain": "general", "answer": None, "completion": "Hi there!"},
+        {"id": "e", "prompt": "What is 2+3?", "domain": "math", "answer": "5",
+         "completion": "<think>\nLet me think. " + "Wait, let me check again. " * 60 + "\n</think>\n\n\\boxed{5}"},
+    ]
+    src = tmp_path / "gen.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), src)
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "curate", str(src), str(tmp_path / "cur.parquet")],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == str(out)
-    assert (out / "_manifest.json").exists()
+    assert proc.stdout.strip().splitlines()[-1] == str(tmp_path / "cur.parquet")
+    out = pq.read_table(tmp_path / "cur.parquet").to_pylist()
+    assert [r["id"] for r in out] == list("abcde")
+    assert [r["reject_reason"] for r in out] == [None, "answer_mismatch", "truncated", None, "repetition"]
+    assert out[0]["reasoning"] == "Two plus three makes five, I am sure." and out[0]["accepted"]

@@ -34,7 +34,12 @@ def kill_session(proc: subprocess.Popen) -> None:
         pass
 
 
-def test_kill_9_of_the_driver_then_rerun_publishes_every_sample_exactly_once(tmp_path):
+def engine_running() -> bool:
+    return subprocess.run(["pgrep", "-f", "VLLM::EngineCore"], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("moment", ["while_generating", "after_a_commit"])
+def test_kill_9_of_the_driver_then_rerun_publishes_every_sample_exactly_once(tmp_path, moment):
     for i in range(SHARDS):
         write_shard(tmp_path / "in" / f"p-{i}.parquet",
                     [{"id": f"q{i}-{j}", "prompt": PROMPTS[2 * i + j], "answer": "0"} for j in range(2)])
@@ -43,12 +48,19 @@ def test_kill_9_of_the_driver_then_rerun_publishes_every_sample_exactly_once(tmp
     first = subprocess.Popen(command(shards, out), cwd=REPO_ROOT, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "first.log", "wb"))
     try:
+        def reached() -> bool:
+            if moment == "while_generating":
+                return engine_running()
+            return commits.exists() and any(commits.iterdir())
+
         deadline = time.time() + 600
-        while time.time() < deadline and not (commits.exists() and any(commits.iterdir())):
+        while time.time() < deadline and not reached():
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.2)
-        assert commits.exists() and any(commits.iterdir()), "no shard committed in time"
-        os.kill(first.pid, signal.SIGKILL)  # the driver dies mid-run
+        assert reached(), f"never reached {moment}"
+        if moment == "while_generating":
+            time.sleep(5)  # the engine is loading or generating; nothing is committed yet
+        os.kill(first.pid, signal.SIGKILL)  # the driver dies
         first.wait()
     finally:
         kill_session(first)
@@ -73,3 +85,31 @@ def test_kill_9_of_the_driver_then_rerun_publishes_every_sample_exactly_once(tmp
     kept = {c.attempt for c in storage.commits().values()}
     assert {p.rsplit("/", 1)[-1] for p in storage.list("_pipeline/attempts")} <= kept
     print(f"committed before the kill: {len(before)}/{SHARDS}; attempts kept: {len(kept)}")
+
+
+def test_an_engine_actor_killed_mid_run_is_restarted_and_the_run_completes(tmp_path):
+    for i in range(SHARDS):
+        write_shard(tmp_path / "in" / f"p-{i}.parquet",
+                    [{"id": f"q{i}-{j}", "prompt": PROMPTS[2 * i + j], "answer": "0"} for j in range(2)])
+    shards, out = str(tmp_path / "in" / "*.parquet"), tmp_path / "out"
+    commits = out / "_pipeline" / "commits"
+    run = subprocess.Popen(command(shards, out), cwd=REPO_ROOT, start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=open(tmp_path / "run.log", "wb"), text=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and not engine_running():
+            assert run.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(30)  # loaded and holding batches: nothing is committed yet
+        assert not (commits.exists() and any(commits.iterdir()))
+        engines = subprocess.run(["pgrep", "-f", r"MapBatches\(EngineStage\)"], capture_output=True, text=True).stdout.split()
+        assert engines, "no engine actor found"
+        for pid in engines:
+            os.kill(int(pid), signal.SIGKILL)  # the engine dies mid-run
+        stdout, _ = run.communicate(timeout=900)
+    finally:
+        kill_session(run)
+    assert run.returncode == 0, (tmp_path / "run.log").read_text()[-3000:]
+    assert stdout.strip().splitlines()[-1] == str(out)
+    keys = [(s["id"], s["sample_index"]) for s in pq.read_table(out / "samples").to_pylist()]
+    assert len(keys) == len(set(keys)) == 4 * SHARDS

@@ -37,7 +37,7 @@ LANGUAGE_SCRIPT = {"en": "latin", "fr": "latin", "de": "latin", "es": "latin", "
                    "ko": "hangul", "ru": "cyrillic", "ar": "arabic", "hi": "devanagari", "th": "thai"}
 _ASCII_LETTERS = bytes(range(65, 91)) + bytes(range(97, 123))
 _ASCII_RUNS = re.compile(r"[\x00-\x7f]+")
-_SAMPLE = 2000  # non-ASCII letters classified at most (an even sample of them): C-speed on 8k-token traces
+_SAMPLE = 600  # non-ASCII characters classified at most (an even sample; ±1.5% at a 15% share)
 
 
 def prose(text: str) -> str:

@@ -89,6 +89,7 @@ def test_curate_existing_generations_keeps_every_row_in_order(tmp_path, ray_loca
         {"id": "e", "prompt": "What is 2+3?", "domain": "math", "answer": "5",
          "completion": "<think>\nLet me think. " + "Wait, let me check again. " * 60 + "\n</think>\n\n\\boxed{5}"},
     ]
+    rows = [{"finish_reason": None, **r} for r in rows]  # null = "stop", as curate documents
     src = tmp_path / "gen.parquet"
     pq.write_table(pa.Table.from_pylist(rows), src)
     proc = subprocess.run([sys.executable, "-m", "pipeline", "curate", str(src), str(tmp_path / "cur.parquet")],

@@ -108,6 +108,23 @@ class SelectSpec(Strict):
     dedup_completions: bool = Field(True, description="Drop accepted completions identical up to case/spacing/punctuation.")
 
 
+class JudgeSpec(Strict):
+    """An LLM judge (a second vLLM actor pool) for samples the rules rejected or could not decide,
+    and for prompts without a reference (R1 used DeepSeek-V3 this way)."""
+
+    enabled: bool = False
+    model: ModelSpec | None = Field(None, description="Defaults to the generating model.")
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    sampling: dict[str, Any] = Field(default_factory=lambda: {"temperature": 0.0, "max_tokens": 256})
+    prompt: str | None = Field(None, description="Template with {prompt}, {reference}, {answer}; see pipeline/verify/judge.py.")
+    reasons: list[str] = Field(default_factory=lambda: ["answer_mismatch", "no_answer", "no_reference"],
+                               description="Rule verdicts the judge may overturn.")
+    domains: list[str] = Field(default_factory=lambda: ["general"], description="Domains judged even when accepted (no reference).")
+    actors: int = Field(1, ge=1)
+    cpus: float = Field(1, gt=0)
+    batch_size: int = Field(64, ge=1)
+
+
 class ResourceSpec(Strict):
     """How the run uses the cluster: the only place that talks about actors and batches."""
 
@@ -139,6 +156,7 @@ class JobConfig(Strict):
         ]
     )
     prompts: PromptSpec = Field(default_factory=PromptSpec)
+    judge: JudgeSpec = Field(default_factory=JudgeSpec)
     select: SelectSpec = Field(default_factory=SelectSpec)
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     rows_per_data_file: int = Field(100_000, ge=1)

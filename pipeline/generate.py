@@ -9,6 +9,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config import JobConfig
+from pipeline.verify.judge import DEFAULT_PROMPT, judge_prompt, parse_verdict
 
 log = logging.getLogger(__name__)
 
@@ -102,3 +103,48 @@ class EngineStage:
 def _sample_schema(prompt_batch: pa.Schema) -> pa.Schema:
     fields = [f for f in prompt_batch if f.name not in _INTERNAL]
     return pa.schema(fields + list(GENERATED))
+
+
+class JudgeStage:
+    """Ray Data actor UDF holding the judge's vLLM engine; may overturn rule verdicts.
+
+    Candidates: samples whose reject_reason is one the job lets the judge decide, and accepted
+    samples of domains without references. CORRECT accepts; INCORRECT rejects (keeping the rule's
+    reason, or `judge_rejected`); a reply without a verdict changes nothing. Verdict and rationale
+    are recorded on every judged sample.
+    """
+
+    def __init__(self, job: JobConfig) -> None:
+        from vllm import LLM, SamplingParams
+
+        spec = job.judge
+        model = spec.model or job.model
+        self.spec = spec
+        self.template = spec.prompt or DEFAULT_PROMPT
+        self.params = SamplingParams(**spec.sampling)
+        self.llm = LLM(**spec.engine.llm_kwargs(model.path))
+
+    def candidate(self, row: dict[str, Any]) -> bool:
+        if row["completion"] is None:
+            return False
+        if row["accepted"]:
+            return row.get("domain") in self.spec.domains
+        return row.get("reject_reason") in self.spec.reasons
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        idx = [i for i, r in enumerate(rows) if self.candidate(r)]
+        verdicts: dict[int, tuple[str, str]] = {}
+        if idx:
+            chats = [[{"role": "user", "content": judge_prompt(rows[i], self.template)}] for i in idx]
+            for i, out in zip(idx, self.llm.chat(chats, self.params, use_tqdm=False)):
+                v = parse_verdict(out.outputs[0].text)
+                r = rows[i]
+                if v.correct is True:
+                    r["accepted"], r["reject_reason"] = True, None
+                elif v.correct is False:
+                    r["accepted"], r["reject_reason"] = False, r["reject_reason"] or "judge_rejected"
+                verdicts[i] = ({True: "correct", False: "incorrect", None: "unparsed"}[v.correct], v.rationale)
+        table = pa.Table.from_pylist(rows, schema=batch.schema)
+        return (table.append_column("judge_verdict", pa.array([verdicts.get(i, (None, None))[0] for i in range(len(rows))], pa.string()))
+                .append_column("judge_rationale", pa.array([verdicts.get(i, (None, None))[1] for i in range(len(rows))], pa.string())))

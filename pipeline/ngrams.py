@@ -38,8 +38,5 @@ class Contamination:
         for t in benchmark_texts:
             self.grams |= ngram_digests(t, n)
 
-    def __len__(self) -> int:
-        return len(self.grams)
-
     def hits(self, text: str) -> int:
         return len(ngram_digests(text, self.n) & self.grams)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,8 @@ class Renderer:
             return Rendered(None, None, self.flagged[row["id"]])
         if row.get("domain") not in self.domains:  # no GPU time for rows nothing can verify
             return Rendered(None, None, "unknown_domain")
+        if row.get("tests") is not None and not _valid_tests(row["tests"]):
+            return Rendered(None, None, "bad_tests")
         messages = [{"role": "user", "content": self.user_turn(prompt, row.get("domain") or "")}]
         if self.system_prompt:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
@@ -57,6 +60,15 @@ class Renderer:
         if self.max_model_len and len(ids) + self.min_new_tokens > self.max_model_len:
             return Rendered(text, None, "prompt_too_long")
         return Rendered(text, ids, None)
+
+
+def _valid_tests(tests: str) -> bool:
+    """A test spec must be a JSON object with a `kind` (the code verifier reads the rest)."""
+    try:
+        spec = json.loads(tests)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(spec, dict) and isinstance(spec.get("kind"), str)
 
 
 class RenderStage:

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from pipeline.check import CheckStage
 from pipeline.config import ConfigError, JobConfig
-from pipeline.generate import EngineStage
+from pipeline.generate import EngineStage, JudgeStage
 from pipeline.publish import publish
 from pipeline.ngrams import Contamination
 from pipeline.read import Shard, resolve, scan_prompts, unified_schema
@@ -223,18 +223,21 @@ def check_fits(job: JobConfig, cluster: dict[str, float], use_gpu: bool) -> None
     """Refuse a plan whose actors cannot all be placed: Ray would wait forever instead of failing."""
     res = job.resources
     # + 1: Ray Data lists the input files in a task of its own that asks for one whole CPU.
-    cpus = res.engine_actors * res.engine_cpus + 2 * res.cpu_actors * res.cpu_stage_cpus + 1
+    judge = job.judge.actors * job.judge.cpus if job.judge.enabled else 0
+    cpus = res.engine_actors * res.engine_cpus + 2 * res.cpu_actors * res.cpu_stage_cpus + judge + 1
     if cpus > cluster.get("CPU", 0):
         raise ConfigError(
             f"resources: the plan needs {cpus:g} CPUs (engines {res.engine_actors}x{res.engine_cpus:g}, "
-            f"render/verify actors at {res.cpu_stage_cpus:g} each, 1 for listing files) but the cluster has "
+            f"render/verify actors at {res.cpu_stage_cpus:g} each, judges {judge:g}, 1 for listing files) but the cluster has "
             f"{cluster.get('CPU', 0):g}; lower resources.* or add nodes"
         )
     gpus = res.engine_actors * job.engine.tensor_parallel_size
+    if job.judge.enabled:
+        gpus += job.judge.actors * job.judge.engine.tensor_parallel_size
     if use_gpu and gpus > cluster.get("GPU", 0):
         raise ConfigError(
             f"resources: {res.engine_actors} engines x tensor_parallel_size {job.engine.tensor_parallel_size} "
-            f"need {gpus} GPUs; the cluster has {cluster.get('GPU', 0):g}"
+            f"(and the judges) need {gpus} GPUs; the cluster has {cluster.get('GPU', 0):g}"
         )
 
 
@@ -252,7 +255,8 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], storage: Storage, att
     cluster = ray.cluster_resources()
     use_gpu = cluster.get("GPU", 0) > 0
     check_fits(job, cluster, use_gpu)
-    cpu_stage = {"batch_format": "pyarrow", "concurrency": res.cpu_actors, "num_cpus": res.cpu_stage_cpus}
+    pool = ray.data.ActorPoolStrategy
+    cpu_stage = {"batch_format": "pyarrow", "compute": pool(size=res.cpu_actors), "num_cpus": res.cpu_stage_cpus}
     ds = ray.data.read_parquet(
         [s.path for s in shards], filesystem=arrow_filesystem(fs), include_paths=True, schema=unified_schema(shards),
         num_cpus=res.cpu_stage_cpus,
@@ -263,13 +267,21 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], storage: Storage, att
         fn_constructor_args=(job,),
         batch_format="pyarrow",
         batch_size=res.batch_size,
-        concurrency=res.engine_actors,
+        compute=pool(size=res.engine_actors),
         num_cpus=res.engine_cpus,
         num_gpus=job.engine.tensor_parallel_size if use_gpu else 0,
-        max_restarts=-1,
-        max_task_retries=-1,
-    )
+    )  # Ray Data restarts a dead actor and retries its in-flight batches (max_restarts=-1 by default)
     ds = ds.map_batches(CheckStage, fn_constructor_args=(job,), batch_size=res.cpu_batch_size, **cpu_stage)
+    if job.judge.enabled:
+        ds = ds.map_batches(
+            JudgeStage,
+            fn_constructor_args=(job,),
+            batch_format="pyarrow",
+            batch_size=job.judge.batch_size,
+            compute=pool(size=job.judge.actors),
+            num_cpus=job.judge.cpus,
+            num_gpus=job.judge.engine.tensor_parallel_size if use_gpu else 0,
+        )
     writer = UnitWriter(storage, attempt, shards, job.n)
     total = sum(s.rows for s in shards) * job.n
     progress = Progress(total)
@@ -298,7 +310,7 @@ def curate(job: JobConfig, inputs: list[str], output: str) -> str:
         fn_constructor_args=(job, False),
         batch_format="pyarrow",
         batch_size=res.cpu_batch_size,
-        concurrency=res.cpu_actors,
+        compute=ray.data.ActorPoolStrategy(size=res.cpu_actors),
         num_cpus=res.cpu_stage_cpus,
     )
     if output.endswith(".parquet"):

@@ -144,14 +144,14 @@ class Storage:
         try:
             self.fs.pipe_file(path, data, mode="create")
             return True
-        except FileExistsError:
-            return False
         except OSError:
-            # SeaweedFS answers a failed precondition with a different error; decide by existence.
             self.fs.invalidate_cache(path)
-            if self.fs.exists(path):
-                return False
-            raise
+            if not self.fs.exists(path):
+                raise
+            # The precondition failed (FileExistsError on AWS, EINVAL on SeaweedFS). A retried PUT
+            # whose first try succeeded but lost its response fails it too: our own bytes there
+            # (commit and lease records name their attempt) mean we created it.
+            return self.fs.cat_file(path) == data
 
     @contextlib.contextmanager
     def parquet_writer(self, rel: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:

@@ -103,6 +103,9 @@ class CharTokenizer:
         ({"prompt": "x" * 1_000_000, "domain": "math"}, "prompt_too_long"),
         ({"prompt": "What is 2+2?", "domain": "astrology"}, "unknown_domain"),
         ({"prompt": "What is 2+2?", "domain": "math"}, None),
+        ({"prompt": "Sum two ints.", "domain": "math", "tests": "{not json"}, "bad_tests"),
+        ({"prompt": "Sum two ints.", "domain": "math", "tests": "[1, 2]"}, "bad_tests"),
+        ({"prompt": "Sum two ints.", "domain": "math", "tests": '{"kind": "stdio", "cases": []}'}, None),
     ],
 )
 def test_row_level_problems_become_reasons(row, reason):

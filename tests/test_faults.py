@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pyarrow.parquet as pq
 import pytest
@@ -34,17 +35,30 @@ def kill_session(proc: subprocess.Popen) -> None:
         pass
 
 
+def inputs(tmp_path: Path) -> tuple[str, Path, Path]:
+    """SHARDS shards of two prompts each; returns the shard glob, the output and its commit folder."""
+    for i in range(SHARDS):
+        write_shard(tmp_path / "in" / f"p-{i}.parquet",
+                    [{"id": f"q{i}-{j}", "prompt": PROMPTS[2 * i + j], "answer": "0"} for j in range(2)])
+    out = tmp_path / "out"
+    return str(tmp_path / "in" / "*.parquet"), out, out / "_pipeline" / "commits"
+
+
+def wait_for(reached: Callable[[], bool], proc: subprocess.Popen, log: Path, what: str) -> None:
+    deadline = time.time() + 600
+    while time.time() < deadline and not reached():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.2)
+    assert reached(), f"never reached {what}"
+
+
 def engine_running() -> bool:
     return subprocess.run(["pgrep", "-f", "VLLM::EngineCore"], capture_output=True).returncode == 0
 
 
 @pytest.mark.parametrize("moment", ["while_generating", "after_a_commit"])
 def test_kill_9_of_the_driver_then_rerun_publishes_every_sample_exactly_once(tmp_path, moment):
-    for i in range(SHARDS):
-        write_shard(tmp_path / "in" / f"p-{i}.parquet",
-                    [{"id": f"q{i}-{j}", "prompt": PROMPTS[2 * i + j], "answer": "0"} for j in range(2)])
-    shards, out = str(tmp_path / "in" / "*.parquet"), tmp_path / "out"
-    commits = out / "_pipeline" / "commits"
+    shards, out, commits = inputs(tmp_path)
     first = subprocess.Popen(command(shards, out), cwd=REPO_ROOT, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "first.log", "wb"))
     try:
@@ -53,11 +67,7 @@ def test_kill_9_of_the_driver_then_rerun_publishes_every_sample_exactly_once(tmp
                 return engine_running()
             return commits.exists() and any(commits.iterdir())
 
-        deadline = time.time() + 600
-        while time.time() < deadline and not reached():
-            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(0.2)
-        assert reached(), f"never reached {moment}"
+        wait_for(reached, first, tmp_path / "first.log", moment)
         if moment == "while_generating":
             time.sleep(5)  # the engine is loading or generating; nothing is committed yet
         os.kill(first.pid, signal.SIGKILL)  # the driver dies
@@ -88,18 +98,11 @@ def test_kill_9_of_the_driver_then_rerun_publishes_every_sample_exactly_once(tmp
 
 
 def test_an_engine_actor_killed_mid_run_is_restarted_and_the_run_completes(tmp_path):
-    for i in range(SHARDS):
-        write_shard(tmp_path / "in" / f"p-{i}.parquet",
-                    [{"id": f"q{i}-{j}", "prompt": PROMPTS[2 * i + j], "answer": "0"} for j in range(2)])
-    shards, out = str(tmp_path / "in" / "*.parquet"), tmp_path / "out"
-    commits = out / "_pipeline" / "commits"
+    shards, out, commits = inputs(tmp_path)
     run = subprocess.Popen(command(shards, out), cwd=REPO_ROOT, start_new_session=True,
                            stdout=subprocess.PIPE, stderr=open(tmp_path / "run.log", "wb"), text=True)
     try:
-        deadline = time.time() + 600
-        while time.time() < deadline and not engine_running():
-            assert run.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
-            time.sleep(0.2)
+        wait_for(engine_running, run, tmp_path / "run.log", "a running engine")
         time.sleep(30)  # loaded and holding batches: nothing is committed yet
         assert not (commits.exists() and any(commits.iterdir()))
         engines = subprocess.run(["pgrep", "-f", r"MapBatches\(EngineStage\)"], capture_output=True, text=True).stdout.split()

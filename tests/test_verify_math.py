@@ -30,7 +30,7 @@ def test_nested_boxes():
 @pytest.mark.parametrize(
     "gold, pred, same",
     [("5", "5", True), ("5", "5.0", True), ("1/2", "\\frac{1}{2}", True), ("0.5", "\\frac12", None),
-     ("1,000", "1000", True), ("3", "4", False), ("\\frac{1}{3}", "0.333", False)],
+     ("1,000", "1000", True), ("3", "4", False), ("\\frac{1}{3}", "0.333", None), ("1/2", "\\frac{1}{3}", False)],
 )
 def test_fast_compare(gold, pred, same):
     assert fast_compare(gold, pred) is same
@@ -63,3 +63,23 @@ def test_choice_verifier():
     assert v({"answer": "B", "final": "The answer is (B)."}).ok
     assert v({"answer": "B", "final": "\\boxed{C}"}).reason == "answer_mismatch"
     assert v({"answer": "B", "final": "I think so."}).reason == "no_answer"
+
+
+@pytest.mark.parametrize(
+    "gold, pred, same",
+    [
+        # equations are compared as equations, not as their sides' values
+        ("x^2+1=0", "x^2+2=0", False), ("1=1", "2=2", False), ("2x+2=4", "x+1=2", True),
+        ("y=2x+1", "y=1+2x", True), ("x=3", "x=4", False), ("x^2=1", "x=1", False),
+        # tiny quantities that Math-Verify's rounding makes equal
+        ("\\frac{1}{100!}", "\\frac{1}{101!}", False), ("2^{-60}", "2^{-61}", False), ("2^{-60}", "\\frac{1}{2^{60}}", True),
+        # sets versus intervals
+        ("\\{1,2\\}", "[1,2]", False), ("(1,2)", "\\{1,2\\}", False), ("[0,1)", "[0,1]", False),
+        # trailing units versus variables
+        ("5\\text{ cm}", "5", True), ("5", "5x", False),
+        # the ordinary cases stay right
+        ("\\sqrt{2}/2", "\\frac{\\sqrt2}{2}", True), ("0.5", "\\frac12", True), ("1/3", "0.3333333", True), ("y = 2x+1", "2x+1", True),
+    ],
+)
+def test_guards_for_math_verify_blind_spots(gold, pred, same):
+    assert verdict(gold, f"\\boxed{{{pred}}}").ok is same

@@ -52,7 +52,10 @@ def fast_compare(gold: str, pred: str) -> bool | None:
         return True
     rg, rp = as_rational(g), as_rational(p)
     if rg is not None and rp is not None:
-        return rg == rp
+        if rg == rp:
+            return True
+        # a decimal may be a rounded form of the other side: let the numeric comparison decide
+        return None if "." in g + p else False
     return None
 
 
@@ -87,7 +90,52 @@ class MathVerifier:
         p = parse(f"$\\boxed{{{pred}}}$", extraction_config=configs, parsing_timeout=None)
         if not g or not p:
             return False
-        return bool(verify(g, p, float_rounding=self.float_rounding, timeout_seconds=None))
+        import sympy
+
+        if isinstance(g[0], sympy.Equality) and isinstance(p[0], sympy.Equality):
+            return _same_equation(g[0], p[0])  # equations are compared as equations
+        if not verify(g, p, float_rounding=self.float_rounding, timeout_seconds=None):
+            return False
+        return not vetoed(g[0], p[0])
+
+
+def vetoed(gold: object, pred: object) -> bool:
+    """Math-Verify's known false "equal"s, decided exactly: tiny numbers rounded together
+    (1/100! vs 1/101!, 2^-60 vs 2^-61) and a set against an interval."""
+    import sympy
+
+    if not isinstance(gold, sympy.Basic) or not isinstance(pred, sympy.Basic):
+        return False
+    sets = (sympy.FiniteSet, sympy.Interval, sympy.Union)
+    if isinstance(gold, sets) and isinstance(pred, sets) and type(gold) is not type(pred):
+        return True
+    if getattr(gold, "is_number", False) and getattr(pred, "is_number", False):
+        return not _close(gold, pred)
+    return False
+
+
+def _close(a: object, b: object, rel: float = 1e-6) -> bool:
+    import sympy
+
+    x, y = sympy.N(a, 50), sympy.N(b, 50)
+    if not (x.is_real and y.is_real):
+        return bool(sympy.simplify(a - b) == 0)
+    scale = max(abs(x), abs(y))
+    return bool(scale == 0 or abs(x - y) <= rel * scale)
+
+
+def _same_equation(a: object, b: object) -> bool:
+    import sympy
+
+    if not (a.free_symbols or b.free_symbols):  # 1=1 vs 2=2: only numbers, compare the sides
+        return (_close(a.lhs, b.lhs) and _close(a.rhs, b.rhs)) or (_close(a.lhs, b.rhs) and _close(a.rhs, b.lhs))
+    if isinstance(a.lhs, sympy.Symbol) and a.lhs == b.lhs:  # x = ... against x = ...: the values decide
+        return bool(sympy.simplify(a.rhs - b.rhs) == 0)
+    da, db = a.lhs - a.rhs, b.lhs - b.rhs
+    if db == 0:
+        return da == 0
+    ratio = sympy.simplify(da / db)  # the same equation up to a non-zero factor
+    return bool(ratio.is_number and ratio != 0)
 
 
 VERIFIERS.register("math")(MathVerifier)

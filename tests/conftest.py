@@ -68,7 +68,9 @@ def s3() -> Iterator[dict[str, str]]:
 def bucket(s3: dict[str, str], request: pytest.FixtureRequest) -> str:
     import boto3
 
-    name = "t-" + request.node.name.lower().replace("_", "-")[:50]
+    import re
+
+    name = "t-" + re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:50].strip("-")
     boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"]).create_bucket(Bucket=name)
     return name
 

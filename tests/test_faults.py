@@ -52,8 +52,10 @@ def wait_for(reached: Callable[[], bool], proc: subprocess.Popen, log: Path, wha
     assert reached(), f"never reached {what}"
 
 
-def engine_running() -> bool:
-    return subprocess.run(["pgrep", "-f", "VLLM::EngineCore"], capture_output=True).returncode == 0
+def engine_actors(proc: subprocess.Popen) -> list[int]:
+    """The engine actor processes of the run started as `proc` (its own session: no other run's)."""
+    found = subprocess.run(["pgrep", "-s", str(proc.pid), "-f", r"MapBatches\(EngineStage\)"], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
 
 
 @pytest.mark.parametrize("moment", ["while_generating", "after_a_commit"])
@@ -64,12 +66,12 @@ def test_kill_9_of_the_driver_then_rerun_publishes_every_sample_exactly_once(tmp
     try:
         def reached() -> bool:
             if moment == "while_generating":
-                return engine_running()
+                return bool(engine_actors(first))
             return commits.exists() and any(commits.iterdir())
 
         wait_for(reached, first, tmp_path / "first.log", moment)
         if moment == "while_generating":
-            time.sleep(5)  # the engine is loading or generating; nothing is committed yet
+            time.sleep(15)  # the engine is loading or generating
         os.kill(first.pid, signal.SIGKILL)  # the driver dies
         first.wait()
     finally:
@@ -102,13 +104,12 @@ def test_an_engine_actor_killed_mid_run_is_restarted_and_the_run_completes(tmp_p
     run = subprocess.Popen(command(shards, out), cwd=REPO_ROOT, start_new_session=True,
                            stdout=subprocess.PIPE, stderr=open(tmp_path / "run.log", "wb"), text=True)
     try:
-        wait_for(engine_running, run, tmp_path / "run.log", "a running engine")
-        time.sleep(30)  # loaded and holding batches: nothing is committed yet
-        assert not (commits.exists() and any(commits.iterdir()))
-        engines = subprocess.run(["pgrep", "-f", r"MapBatches\(EngineStage\)"], capture_output=True, text=True).stdout.split()
-        assert engines, "no engine actor found"
+        wait_for(lambda: bool(engine_actors(run)), run, tmp_path / "run.log", "an engine actor")
+        time.sleep(20)  # the engine is loading or holding a batch
+        engines = engine_actors(run)
+        assert engines and run.poll() is None and not (commits.exists() and any(commits.iterdir()))
         for pid in engines:
-            os.kill(int(pid), signal.SIGKILL)  # the engine dies mid-run
+            os.kill(pid, signal.SIGKILL)  # the engine dies mid-run
         stdout, _ = run.communicate(timeout=900)
     finally:
         kill_session(run)

@@ -282,6 +282,12 @@ class ShardWriter:
         self._ctx, self._writer, self._rows = None, None, 0
 
 
+def benchmark_ngrams(paths: list[str], n: int) -> Contamination:
+    """The n-grams of the benchmark problems in `paths` (their `prompt`/`problem`/`question`)."""
+    texts = (r.get("prompt") or r.get("problem") or r.get("question") or "" for p in paths for _, _, r in iter_rows(p))
+    return Contamination(texts, n)
+
+
 def stable_id(source: str, prompt: str) -> str:
     return f"{source}-{digest(source + chr(0) + normalize(prompt)).hex()}"
 
@@ -290,9 +296,7 @@ def prepare(source: str, output: str, convert: Callable[[dict[str, Any]], dict[s
     """Convert, check, dedup, decontaminate and write shards; returns the summary report."""
     report = Report()
     storage = Storage(output)
-    contamination = Contamination((r.get("prompt") or r.get("problem") or r.get("question") or ""
-                                   for p in opts.decontaminate for _, _, r in iter_rows(p)), opts.ngram) \
-        if opts.decontaminate else None
+    contamination = benchmark_ngrams(opts.decontaminate, opts.ngram) if opts.decontaminate else None
     # Dedup state is 8-byte digests as ints (~70 bytes a prompt in a set); rows themselves stream
     # to the shard being written, a row group at a time, so memory does not grow with the source.
     seen_exact: set[int] = set()

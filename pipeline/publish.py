@@ -136,8 +136,8 @@ def publish(storage: Storage, manifest: dict[str, Any], rows_per_file: int, star
             storage.write_table(rel, table)
             stats.add(table)
             sample_files.append(rel)
-    accepted = stats.summary()["accepted"]
-    names = data_file_names(accepted, rows_per_file)
+    summary = stats.summary()
+    names = data_file_names(summary["accepted"], rows_per_file)
     _write_data(storage, commits, names, rows_per_file)
     for stale in set(storage.list("data")) - set(names):
         storage.remove(stale)
@@ -146,7 +146,7 @@ def publish(storage: Storage, manifest: dict[str, Any], rows_per_file: int, star
     manifest = {
         **manifest,
         "units": {c.unit: {"source": c.source, "rows": c.rows, "accepted": c.accepted} for c in commits},
-        "stats": stats.summary(),
+        "stats": summary,
         "files": {"data": names, "samples": sample_files},
     }
     manifest["timings"] = {**manifest.get("timings", {}), "publish_s": round(time.time() - t0, 2),

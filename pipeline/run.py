@@ -186,14 +186,12 @@ def held_lease(storage: Storage, attempt: str, ttl_s: float) -> Iterator[None]:
 
 
 def benchmark(job: JobConfig) -> Contamination | None:
-    """The n-grams of the benchmark problems the job names (their `problem`/`question`/`prompt`)."""
+    """The n-grams of the benchmark files the job names, if any."""
     if not job.prompts.decontaminate:
         return None
-    from pipeline.prepare import iter_rows
+    from pipeline.prepare import benchmark_ngrams
 
-    texts = (r.get("problem") or r.get("question") or r.get("prompt") or ""
-             for path in job.prompts.decontaminate for _, _, r in iter_rows(path))
-    return Contamination(texts, job.prompts.ngram)
+    return benchmark_ngrams(job.prompts.decontaminate, job.prompts.ngram)
 
 
 def _generate(job: JobConfig, fs: Any, shards: list[Shard], storage: Storage, attempt: str, started: float,

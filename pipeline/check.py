@@ -6,6 +6,7 @@ Shared by `generate` (as a Ray Data UDF) and `curate`. The first failing unit de
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -37,9 +38,10 @@ class Checker:
         self.verifiers: dict[str, Unit] = {
             d: VERIFIERS.build(spec.name, **spec.params) for d, spec in job.verify.domains.items()
         }
+        self.threads = ThreadPoolExecutor(job.verify_workers, thread_name_prefix="verify")
         needs_pool = any(getattr(v, "isolate", False) for v in self.verifiers.values())
         self.pool = (
-            IsolatedRunner(job.verify.workers, job.verify.timeout_s, job.verify.memory_mb) if needs_pool else None
+            IsolatedRunner(job.verify_workers, job.verify.timeout_s, job.verify.memory_mb) if needs_pool else None
         )
 
     def parse(self, sample: dict[str, Any]) -> dict[str, Any]:
@@ -69,19 +71,27 @@ class Checker:
                 verifier = self.verifiers.get(domain)
                 if verifier is None:
                     verdicts[i] = Verdict.reject("unknown_domain", domain=domain)
-                elif getattr(verifier, "isolate", False):
+                elif getattr(verifier, "isolate", False) or getattr(verifier, "concurrent", False):
                     pending.setdefault(domain, []).append(i)
                 else:
                     verdicts[i] = verifier(s)
         for domain, idx in pending.items():
-            assert self.pool is not None
-            for i, v in zip(idx, self.pool.run(self.verifiers[domain], [samples[i] for i in idx])):
+            for i, v in zip(idx, self._run_many(self.verifiers[domain], [samples[i] for i in idx])):
                 verdicts[i] = v
         return [v for v in verdicts if v is not None]
+
+    def _run_many(self, verifier: Unit, samples: list[dict[str, Any]]) -> list[Verdict]:
+        """Isolated units go to the killable worker pool; concurrent ones (they wait on
+        sandboxed processes) to threads, `verify.workers` at a time."""
+        if getattr(verifier, "isolate", False):
+            assert self.pool is not None
+            return self.pool.run(verifier, samples)
+        return list(self.threads.map(verifier, samples))
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.close()
+        self.threads.shutdown()
 
 
 class CheckStage:

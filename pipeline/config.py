@@ -7,6 +7,7 @@ in the pre-flight check before any engine starts.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -84,12 +85,17 @@ class VerifySpec(Strict):
         default_factory=lambda: {
             "math": UnitSpec(name="math"),
             "choice": UnitSpec(name="choice"),
+            "code": UnitSpec(name="code"),
             "general": UnitSpec(name="accept"),
         }
     )
     timeout_s: float = Field(10.0, gt=0, description="Hard wall-clock kill per check.")
     memory_mb: int = Field(2048, ge=512, description="Address-space cap of each verifier worker (below ~512 MB Python itself fails).")
-    workers: int = Field(1, ge=1, description="Verifier processes per CPU stage actor.")
+    workers: int | None = Field(
+        None, ge=1,
+        description="Parallel checks per CPU stage actor (math worker processes, sandboxed test runs); "
+        "default: the actor's CPUs (resources.cpu_stage_cpus) rounded up.",
+    )
 
 
 class PromptSpec(Strict):
@@ -176,6 +182,11 @@ class JobConfig(Strict):
     @property
     def think_prefill(self) -> bool:
         return self.model.reasoning if self.render.think_prefill is None else self.render.think_prefill
+
+    @property
+    def verify_workers(self) -> int:
+        """Checks run in parallel by each CPU stage actor: as many as it reserved CPUs."""
+        return self.verify.workers or max(1, math.ceil(self.resources.cpu_stage_cpus))
 
 
 class ConfigError(ValueError):

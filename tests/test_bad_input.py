@@ -105,7 +105,9 @@ class CharTokenizer:
         ({"prompt": "What is 2+2?", "domain": "math"}, None),
         ({"prompt": "Sum two ints.", "domain": "math", "tests": "{not json"}, "bad_tests"),
         ({"prompt": "Sum two ints.", "domain": "math", "tests": "[1, 2]"}, "bad_tests"),
-        ({"prompt": "Sum two ints.", "domain": "math", "tests": '{"kind": "stdio", "cases": []}'}, None),
+        ({"prompt": "Sum two ints.", "domain": "code", "tests": '{"kind": "stdio", "cases": []}'}, "bad_tests"),
+        ({"prompt": "Sum two ints.", "domain": "code", "tests": '{"kind": "assert", "code": "assert f()", "timeout": 1}'}, "bad_tests"),
+        ({"prompt": "Sum two ints.", "domain": "code", "tests": '{"kind": "stdio", "cases": [{"stdin": "1 2", "stdout": "3"}]}'}, None),
     ],
 )
 def test_row_level_problems_become_reasons(row, reason):

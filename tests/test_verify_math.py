@@ -83,3 +83,18 @@ def test_choice_verifier():
 )
 def test_guards_for_math_verify_blind_spots(gold, pred, same):
     assert verdict(gold, f"\\boxed{{{pred}}}").ok is same
+
+
+def test_labelled_pairs_meet_the_accuracy_targets():
+    """188 hard gold/prediction pairs (tests/corpus/math_pairs.py): >= 95% of the non-equivalent
+    ones rejected and >= 90% of the equivalent ones accepted, through the verifier's own path."""
+    from corpus.math_pairs import PAIRS, final_text
+
+    unit = VERIFIERS.build("math")
+    wrong = [(c, g, p, eq) for c, g, p, eq in PAIRS if unit({"answer": g, "final": final_text(p)}).ok != eq]
+    n_eq = sum(eq for *_, eq in PAIRS)
+    n_ne = len(PAIRS) - n_eq
+    accepted = 1 - sum(eq for *_, eq in wrong) / n_eq
+    rejected = 1 - sum(not eq for *_, eq in wrong) / n_ne
+    assert len(PAIRS) >= 150 and n_ne >= 50
+    assert rejected >= 0.95 and accepted >= 0.90, f"accept {accepted:.3f}, reject {rejected:.3f}; wrong: {wrong}"

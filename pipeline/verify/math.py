@@ -29,7 +29,20 @@ def normalize(ans: str) -> str:
         s = m.group(1)
     if re.fullmatch(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):
         s = s.replace(",", "")
-    return s.rstrip(".")
+    s = s.rstrip(".")
+    return s[: -len("\\%")] if s.endswith("\\%") else s.rstrip("%")  # 50\% and 50 name the same answer
+
+
+_UNIT = re.compile(r"\\(?:text|mathrm|mbox)\{\s*([A-Za-z][A-Za-z/ ]*?)\s*\}\s*(?:\^\{?\d\}?)?\s*$")
+
+
+def trailing_unit(ans: str) -> str | None:
+    """The unit word ending an answer (`5\\text{ cm}` -> `cm`), singular; None without one."""
+    m = _UNIT.search(ans.strip().strip("$"))
+    if not m:
+        return None
+    unit = m.group(1).lower()
+    return unit[:-1] if len(unit) > 2 and unit.endswith("s") else unit
 
 
 def as_rational(s: str) -> Fraction | None:
@@ -75,6 +88,9 @@ class MathVerifier:
         pred = extract_answer(sample.get("final"))
         if pred is None:
             return Verdict.reject("no_answer")
+        units = trailing_unit(str(gold)), trailing_unit(pred)
+        if all(units) and units[0] != units[1]:  # 5 cm is not 5 m; a unit on one side only is dropped
+            return Verdict.reject("answer_mismatch", extracted=pred, path="units")
         fast = fast_compare(str(gold), pred)
         if fast is not None:
             return Verdict(fast, None if fast else "answer_mismatch", {"extracted": pred, "path": "fast"})
@@ -96,12 +112,19 @@ class MathVerifier:
             return _same_equation(g[0], p[0])  # equations are compared as equations
         if not verify(g, p, float_rounding=self.float_rounding, timeout_seconds=None):
             return False
-        return not vetoed(g[0], p[0])
+        return not vetoed(g[0], p[0], _decimals(gold, pred))
 
 
-def vetoed(gold: object, pred: object) -> bool:
-    """Math-Verify's known false "equal"s, decided exactly: tiny numbers rounded together
-    (1/100! vs 1/101!, 2^-60 vs 2^-61) and a set against an interval."""
+def _decimals(*answers: str) -> int | None:
+    """Digits after the point of the most precise decimal in the answers; None if there is none."""
+    found = [len(m) for a in answers for m in re.findall(r"\d\.(\d+)", a)]
+    return max(found) if found else None
+
+
+def vetoed(gold: object, pred: object, decimals: int | None = None) -> bool:
+    """Math-Verify's known false "equal"s, decided at 50 digits: numbers its rounding makes
+    equal (1/100! vs 1/101!, 2^-60 vs 2^-61, 1+10^-12 vs 1) and a set against an interval.
+    Exact answers must agree exactly; a decimal may differ by its last digit's rounding."""
     import sympy
 
     if not isinstance(gold, sympy.Basic) or not isinstance(pred, sympy.Basic):
@@ -110,18 +133,21 @@ def vetoed(gold: object, pred: object) -> bool:
     if isinstance(gold, sets) and isinstance(pred, sets) and type(gold) is not type(pred):
         return True
     if getattr(gold, "is_number", False) and getattr(pred, "is_number", False):
-        return not _close(gold, pred)
+        return not _close(gold, pred, absolute=0.0 if decimals is None else 0.5 * 10.0**-decimals * (1 + 1e-9))
     return False
 
 
-def _close(a: object, b: object, rel: float = 1e-6) -> bool:
+def _close(a: object, b: object, absolute: float = 0.0) -> bool:
+    """Equal at 50 significant digits, or within `absolute` (a decimal's rounding) or a
+    relative 1e-6 when such a tolerance applies."""
     import sympy
 
     x, y = sympy.N(a, 50), sympy.N(b, 50)
     if not (x.is_real and y.is_real):
         return bool(sympy.simplify(a - b) == 0)
-    scale = max(abs(x), abs(y))
-    return bool(scale == 0 or abs(x - y) <= rel * scale)
+    diff, scale = abs(x - y), max(abs(x), abs(y))
+    relative = 1e-6 if absolute else 1e-40
+    return bool(diff <= absolute or diff <= relative * scale)
 
 
 def _same_equation(a: object, b: object) -> bool:

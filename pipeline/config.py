@@ -136,7 +136,12 @@ class ResourceSpec(Strict):
 
     engine_actors: int = Field(1, ge=1, description="vLLM engines (each holds tensor_parallel_size GPUs).")
     engine_cpus: float = Field(1, gt=0)
-    batch_size: int = Field(64, ge=1, description="Prompts per engine call.")
+    batch_size: int = Field(64, ge=1, description="Prompts per engine batch.")
+    engine_batches_in_flight: int = Field(
+        4, ge=1,
+        description="Batches each engine works on at once: the engine keeps queued requests while a batch's "
+        "tail decodes and finished batches move on (engine_actors x this x batch_size x n sequences in flight).",
+    )
     cpu_actors: int = Field(1, ge=1, description="Actors for the render and verify stages.")
     cpu_stage_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each render/verify actor.")
     cpu_batch_size: int = Field(256, ge=1)

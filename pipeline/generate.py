@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
-from typing import Any
+import uuid
+from typing import Any, AsyncIterator
 
 import pyarrow as pa
 
 from pipeline.config import JobConfig
+from pipeline.schemas import RENDER_COLUMNS
 from pipeline.verify.judge import DEFAULT_PROMPT, judge_prompt, parse_verdict
 
 log = logging.getLogger(__name__)
@@ -25,7 +28,6 @@ GENERATED = pa.schema(
         ("seed", pa.int64()),
     ]
 )
-_INTERNAL = ("rendered", "prompt_token_ids")
 
 
 def request_seed(job_seed: int, prompt_id: str) -> int:
@@ -36,7 +38,7 @@ def request_seed(job_seed: int, prompt_id: str) -> int:
 
 def sample_rows(row: dict[str, Any], n: int, model: str, seed: int | None, outputs: list[Any] | None, reason: str | None) -> list[dict[str, Any]]:
     """Expand a prompt row into its n sample rows (completion null when nothing was generated)."""
-    base = {k: v for k, v in row.items() if k not in _INTERNAL and k != "reject_reason"}
+    base = {k: v for k, v in row.items() if k not in RENDER_COLUMNS and k != "reject_reason"}
     rows = []
     for i in range(n):
         out = outputs[i] if outputs is not None and i < len(outputs) else None
@@ -57,51 +59,62 @@ def sample_rows(row: dict[str, Any], n: int, model: str, seed: int | None, outpu
 
 
 class EngineStage:
-    """Ray Data actor UDF holding one vLLM engine (tensor_parallel_size GPUs)."""
+    """Ray Data actor UDF holding one vLLM async engine (tensor_parallel_size GPUs).
+
+    `__call__` is a coroutine: the actor runs `resources.engine_batches_in_flight` batches at
+    once, so the engine always has queued requests while a batch's long tail decodes and while
+    finished batches travel on to verification (as ray.data.llm does). Requests are submitted one
+    by one, so a request the engine refuses fails alone as `engine_error`; a dead engine raises,
+    and Ray Data restarts the actor and retries its batches.
+    """
 
     def __init__(self, job: JobConfig) -> None:
-        from vllm import LLM, SamplingParams
+        from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams
 
-        self.job = job
         self.n = job.n
         self.model_name = job.model.display_name
         self.sampling = dict(job.sampling)
         self.job_seed = self.sampling.pop("seed", None)
         self._params = SamplingParams
-        self.llm = LLM(**job.engine.llm_kwargs(job.model.path))
+        self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**job.engine.llm_kwargs(job.model.path)))
 
     def _seed(self, prompt_id: str) -> int | None:
         return None if self.job_seed is None else request_seed(int(self.job_seed), prompt_id)
 
-    def _generate(self, rows: list[dict[str, Any]]) -> list[tuple[list[Any] | None, str | None]]:
-        """Outputs per row; if the batch fails, rows are retried one by one to isolate the bad one."""
+    async def _request(self, row: dict[str, Any]) -> tuple[list[Any] | None, str | None]:
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
-        prompts = [TokensPrompt(prompt_token_ids=r["prompt_token_ids"]) for r in rows]
-        params = [self._params(**self.sampling, seed=self._seed(r["id"])) for r in rows]
+        # FINAL_ONLY: one output holding all n completions, no per-token streaming to this process
+        params = self._params(**self.sampling, seed=self._seed(row["id"]), output_kind=RequestOutputKind.FINAL_ONLY)
+        final = None
         try:
-            results = self.llm.generate(prompts, params, use_tqdm=False)
-            return [(list(res.outputs), None) for res in results]
-        except Exception as batch_error:  # one bad request must not sink the batch
-            if len(rows) == 1:
-                log.warning("engine error on id=%s: %s", rows[0].get("id"), batch_error)
-                return [(None, "engine_error")]
-        return [self._generate([r])[0] for r in rows]
+            stream = self.engine.generate(
+                TokensPrompt(prompt_token_ids=row["prompt_token_ids"]), params, request_id=f"{row['id']}-{uuid.uuid4().hex}"
+            )
+            async for final in stream:
+                pass
+        except Exception as e:
+            if getattr(self.engine, "errored", False):
+                raise  # the engine itself is gone: let Ray Data restart the actor
+            log.warning("engine error on id=%s: %s", row.get("id"), e)
+            return None, "engine_error"
+        return (list(final.outputs), None) if final is not None else (None, "engine_error")
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
         rows = batch.to_pylist()
         todo = [r for r in rows if r["reject_reason"] is None]
-        generated = dict(zip((r["id"] for r in todo), self._generate(todo))) if todo else {}
+        results = await asyncio.gather(*(self._request(r) for r in todo))
+        generated = {r["id"]: res for r, res in zip(todo, results)}
         out: list[dict[str, Any]] = []
         for r in rows:
             outputs, reason = generated.get(r["id"], (None, r["reject_reason"]))
             out.extend(sample_rows(r, self.n, self.model_name, self._seed(r["id"]), outputs, reason))
-        schema = _sample_schema(batch.schema)
-        return pa.Table.from_pylist(out, schema=schema)
+        yield pa.Table.from_pylist(out, schema=_sample_schema(batch.schema))
 
 
 def _sample_schema(prompt_batch: pa.Schema) -> pa.Schema:
-    fields = [f for f in prompt_batch if f.name not in _INTERNAL]
+    fields = [f for f in prompt_batch if f.name not in RENDER_COLUMNS]
     return pa.schema(fields + list(GENERATED))
 
 

@@ -265,7 +265,8 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], storage: Storage, att
         fn_constructor_args=(job,),
         batch_format="pyarrow",
         batch_size=res.batch_size,
-        compute=pool(size=res.engine_actors),
+        compute=pool(size=res.engine_actors, max_tasks_in_flight_per_actor=res.engine_batches_in_flight),
+        max_concurrency=res.engine_batches_in_flight,  # EngineStage is async: batches overlap in one engine
         num_cpus=res.engine_cpus,
         num_gpus=job.engine.tensor_parallel_size if use_gpu else 0,
     )  # Ray Data restarts a dead actor and retries its in-flight batches (max_restarts=-1 by default)

@@ -13,7 +13,9 @@ SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 
 _ARROW = {"string": pa.string(), "integer": pa.int64(), "boolean": pa.bool_(), "number": pa.float64()}
 # Columns the pipeline adds on the way (besides the sample schema's own); prompt shards must not carry them.
-INTERNAL_COLUMNS = ("path", "rendered", "prompt_token_ids")
+RENDER_COLUMNS = ("rendered", "prompt_token_ids")
+"""What the render stage adds for the engine; dropped from sample rows."""
+INTERNAL_COLUMNS = ("path", *RENDER_COLUMNS)
 
 
 @lru_cache(maxsize=None)

@@ -1,6 +1,7 @@
-"""CPU-stage throughput on this machine: readability filters on 8k-token traces, math verification.
+"""CPU stages on this machine: readability filters on 8k-token traces, math verification
+(throughput and accuracy on the labelled pairs), and the code sandbox's per-execution overhead.
 
-Run with `make bench-cpu`; prints a table and writes bench/results/cpu_stages.json.
+Part of `make bench` (bench/run.py); `make bench-cpu` runs only this file.
 Traces are built from varied English and Chinese reasoning sentences (numbers randomised so that
 they do not compress like loops) and cut to 8,000 tokens of the default model's tokenizer.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from corpus.math_pairs import PAIRS, final_text  # noqa: E402
 from corpus.readability import CLEAN_EN, CLEAN_ZH  # noqa: E402
 
 from pipeline.check import Checker  # noqa: E402
@@ -24,7 +26,8 @@ from pipeline.config import DEFAULT_MODEL_DIR, load_job  # noqa: E402
 from pipeline.filter import FILTERS  # noqa: E402
 from pipeline.verify import VERIFIERS  # noqa: E402
 
-TARGETS = {"filters_per_s_per_core": 1000, "math_verifications_per_s_per_core": 300}
+TARGETS = {"filters_per_s_per_core": 1000, "math_verifications_per_s_per_core": 300, "code_overhead_ms": 50,
+           "math_pairs_rejected": 0.95, "math_pairs_accepted": 0.90}
 
 
 def traces(n: int, tokens: int, zh: bool) -> list[str]:
@@ -95,18 +98,74 @@ def bench_math() -> dict[str, float]:
             "accepted_share": round(sum(v.ok for v in verdicts) / len(verdicts), 3)}
 
 
-def main() -> None:
+def math_accuracy() -> dict[str, float]:
+    """Our grader and Math-Verify alone on the labelled pairs (tests/corpus/math_pairs.py)."""
+    from math_verify import parse, verify
+
+    ours = VERIFIERS.build("math")
+    scores: dict[str, dict[bool, list[bool]]] = {"ours": {True: [], False: []}, "math_verify_alone": {True: [], False: []}}
+    for _, gold, pred, same in PAIRS:
+        final = final_text(pred)
+        scores["ours"][same].append(ours({"answer": gold, "final": final}).ok == same)
+        try:
+            alone = bool(verify(parse(f"$\\boxed{{{gold}}}$"), parse(final)))
+        except Exception:
+            alone = False
+        scores["math_verify_alone"][same].append(alone == same)
+    out: dict[str, float] = {"pairs": len(PAIRS)}
+    for who, by in scores.items():
+        out[f"{who}_accepted"] = round(sum(by[True]) / len(by[True]), 3)
+        out[f"{who}_rejected"] = round(sum(by[False]) / len(by[False]), 3)
+    return out
+
+
+def code_overhead(runs: int = 30) -> dict[str, float]:
+    """A trivial program in the sandbox vs the same interpreter started directly."""
+    import statistics
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.verify.sandbox import Sandbox
+
+    box = Sandbox(slots=2)
+    if box.unavailable:
+        return {"error": box.unavailable}
+
+    def plain() -> float:
+        t = time.perf_counter()
+        subprocess.run([box.python, "-I", "-B", "-c", "pass"], check=True)
+        return time.perf_counter() - t
+
+    def boxed(_: object = None) -> float:
+        t = time.perf_counter()
+        assert box.run("pass").ok
+        return time.perf_counter() - t
+
+    direct = statistics.median(plain() for _ in range(runs))
+    sandboxed = statistics.median(boxed() for _ in range(runs))
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(boxed, range(4 * runs)))
+    parallel = 4 * runs / (time.perf_counter() - t0)
+    return {"direct_ms": round(direct * 1000, 1), "sandboxed_ms": round(sandboxed * 1000, 1),
+            "overhead_ms": round((sandboxed - direct) * 1000, 1), "executions_per_s_2_slots": round(parallel, 1)}
+
+
+def main() -> dict:
     results = {
         "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine()},
         "filters_8k_tokens_en": bench_filters(zh=False),
         "filters_8k_tokens_zh": bench_filters(zh=True),
         "math_verify": bench_math(),
+        "math_accuracy": math_accuracy(),
+        "code_sandbox": code_overhead(),
         "targets": TARGETS,
     }
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "cpu_stages.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline import priority
 from pipeline.config import JobConfig
 from pipeline.filter import FILTERS
 from pipeline.parse import split_reasoning
@@ -98,6 +99,7 @@ class CheckStage:
     """Ray Data UDF: sample rows in, the same rows with reasoning/final and a verdict out."""
 
     def __init__(self, job: JobConfig, prefilled: bool | None = None) -> None:
+        priority.lower(job.resources.background_nice)  # verifier workers and sandboxes inherit it
         self.checker = Checker(job, prefilled)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

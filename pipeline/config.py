@@ -145,6 +145,11 @@ class ResourceSpec(Strict):
     cpu_actors: int = Field(1, ge=1, description="Actors for the render and verify stages.")
     cpu_stage_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each render/verify actor.")
     cpu_batch_size: int = Field(256, ge=1)
+    background_nice: int = Field(
+        10, ge=0, le=19,
+        description="Niceness of everything but the engines (CPU-stage actors; on a local cluster also the driver "
+        "and Ray's processes): verification never slows generation on a shared node. 0 turns it off.",
+    )
 
 
 class JobConfig(Strict):

@@ -10,6 +10,7 @@ from typing import Any, AsyncIterator
 
 import pyarrow as pa
 
+from pipeline import priority
 from pipeline.config import JobConfig
 from pipeline.schemas import RENDER_COLUMNS
 from pipeline.verify.judge import DEFAULT_PROMPT, judge_prompt, parse_verdict
@@ -71,6 +72,7 @@ class EngineStage:
     def __init__(self, job: JobConfig) -> None:
         from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams
 
+        priority.restore()  # before vLLM starts its engine processes: they inherit it
         self.n = job.n
         self.model_name = job.model.display_name
         self.sampling = dict(job.sampling)
@@ -130,6 +132,7 @@ class JudgeStage:
     def __init__(self, job: JobConfig) -> None:
         from vllm import LLM, SamplingParams
 
+        priority.restore()
         spec = job.judge
         model = spec.model or job.model
         self.spec = spec

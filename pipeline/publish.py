@@ -62,23 +62,30 @@ def _rebatch(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
 
 
 class Stats:
-    """Counts by domain and reason, accept rates, prompts with an accepted sample, token lengths."""
+    """Counts by domain and reason, accept rates, prompts with an accepted sample, token lengths.
+
+    Memory stays bounded however large the run: `add` takes one committed shard (it holds all
+    samples of its prompts, so prompts are counted per shard), and token lengths are histograms."""
 
     def __init__(self) -> None:
         self.by_domain: dict[str, Counter[str]] = defaultdict(Counter)
-        self.prompts: dict[str, set[str]] = defaultdict(set)
-        self.prompts_ok: dict[str, set[str]] = defaultdict(set)
-        self.tokens: dict[str, list[int]] = {"accepted": [], "rejected": []}
+        self.prompts: Counter[str] = Counter()
+        self.prompts_ok: Counter[str] = Counter()
+        self.tokens: dict[str, Counter[int]] = {"accepted": Counter(), "rejected": Counter()}
 
-    def add(self, samples: pa.Table) -> None:
-        cols = samples.select(["id", "domain", "accepted", "reject_reason", "completion_tokens"]).to_pydict()
+    def add(self, shard: pa.Table) -> None:
+        cols = shard.select(["id", "domain", "accepted", "reject_reason", "completion_tokens"]).to_pydict()
+        prompts: dict[str, set[str]] = defaultdict(set)
+        prompts_ok: dict[str, set[str]] = defaultdict(set)
         for pid, dom, ok, reason, toks in zip(*cols.values()):
             self.by_domain[dom][reason or "accepted"] += 1
-            self.prompts[dom].add(pid)
+            prompts[dom].add(pid)
             if ok:
-                self.prompts_ok[dom].add(pid)
+                prompts_ok[dom].add(pid)
             if toks is not None:
-                self.tokens["accepted" if ok else "rejected"].append(toks)
+                self.tokens["accepted" if ok else "rejected"][toks] += 1
+        self.prompts.update({d: len(ids) for d, ids in prompts.items()})
+        self.prompts_ok.update({d: len(ids) for d, ids in prompts_ok.items()})
 
     def summary(self) -> dict[str, Any]:
         domains = {}
@@ -88,8 +95,8 @@ class Stats:
                 "samples": total,
                 "accepted": counts.get("accepted", 0),
                 "accept_rate": round(counts.get("accepted", 0) / total, 4) if total else 0.0,
-                "prompts": len(self.prompts[dom]),
-                "prompts_with_accepted": len(self.prompts_ok[dom]),
+                "prompts": self.prompts[dom],
+                "prompts_with_accepted": self.prompts_ok[dom],
                 "reasons": dict(sorted((k, v) for k, v in counts.items() if k != "accepted")),
             }
         total = sum(d["samples"] for d in domains.values())
@@ -103,12 +110,22 @@ class Stats:
         }
 
 
-def _quantiles(values: list[int]) -> dict[str, float]:
-    if not values:
+def _quantiles(histogram: Counter[int]) -> dict[str, float]:
+    n = sum(histogram.values())
+    if not n:
         return {}
-    v = sorted(values)
-    q = lambda p: v[min(len(v) - 1, int(p * len(v)))]  # noqa: E731
-    return {"mean": round(sum(v) / len(v), 1), "p50": q(0.5), "p90": q(0.9), "max": v[-1]}
+    values = sorted(histogram.items())
+
+    def q(p: float) -> int:
+        seen = 0
+        for value, count in values:
+            seen += count
+            if seen > p * n:
+                return value
+        return values[-1][0]
+
+    mean = sum(v * c for v, c in values) / n
+    return {"mean": round(mean, 1), "p50": q(0.5), "p90": q(0.9), "max": values[-1][0]}
 
 
 def data_file_names(accepted: int, rows_per_file: int) -> list[str]:

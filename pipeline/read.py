@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 from dataclasses import dataclass
+from typing import Iterator
 
 import fsspec
 import pyarrow as pa
@@ -99,6 +100,22 @@ def unified_schema(shards: list[Shard]) -> pa.Schema:
             if f.name not in fields:
                 fields[f.name] = pa.field(f.name, declared[f.name].type) if f.name in declared else f
     return pa.schema(list(fields.values()))
+
+
+def iter_shard(fs: fsspec.AbstractFileSystem, path: str, schema: pa.Schema, rows: int,
+               with_path: bool = False) -> Iterator[pa.Table]:
+    """A shard as tables of at most `rows` rows in `schema` (absent columns null), read as it
+    streams: downstream stages start on the first rows while the rest of the file is read."""
+    with fs.open(path, "rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=rows):
+            table = pa.Table.from_batches([batch])
+            columns = [
+                table.column(field.name).cast(field.type) if field.name in table.column_names
+                else pa.nulls(table.num_rows, field.type)
+                for field in schema
+            ]
+            table = pa.Table.from_arrays(columns, schema=schema)
+            yield table.append_column("path", pa.array([path] * table.num_rows, pa.string())) if with_path else table
 
 
 def scan_prompts(fs: fsspec.AbstractFileSystem, shards: list[Shard], dedup: bool = True,

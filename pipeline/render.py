@@ -7,6 +7,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline import priority
 from pipeline.config import JobConfig
 from pipeline.verify.code import parse_tests
 
@@ -77,6 +78,7 @@ class RenderStage:
     def __init__(self, job: JobConfig, flagged: dict[str, str] | None = None) -> None:
         from transformers import AutoTokenizer
 
+        priority.lower(job.resources.background_nice)
         self.renderer = Renderer(AutoTokenizer.from_pretrained(job.model.path), job, flagged)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections import Counter
 from typing import Any
 
 PLOTS = ("reasons.png", "lengths.png")
@@ -14,7 +15,7 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def plots(stats: dict[str, Any], tokens: dict[str, list[int]]) -> dict[str, bytes]:
+def plots(stats: dict[str, Any], tokens: dict[str, Counter[int]]) -> dict[str, bytes]:
     """PNG bytes by file name: reasons per domain (stacked bars) and completion token histograms."""
     import matplotlib
 
@@ -37,9 +38,10 @@ def plots(stats: dict[str, Any], tokens: dict[str, list[int]]) -> dict[str, byte
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    for label, values in tokens.items():
-        if values:
-            ax.hist(values, bins=40, alpha=0.6, label=f"{label} (n={len(values)})")
+    for label, histogram in tokens.items():
+        if histogram:
+            ax.hist(list(histogram), weights=list(histogram.values()), bins=40, alpha=0.6,
+                    label=f"{label} (n={sum(histogram.values())})")
     ax.set_xlabel("completion tokens")
     ax.set_ylabel("samples")
     ax.set_title("Completion length: accepted vs rejected")

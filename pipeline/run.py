@@ -19,12 +19,13 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
+from pipeline import priority
 from pipeline.check import CheckStage
 from pipeline.config import ConfigError, JobConfig
 from pipeline.generate import EngineStage, JudgeStage
 from pipeline.publish import publish
 from pipeline.ngrams import Contamination
-from pipeline.read import Shard, resolve, scan_prompts, unified_schema
+from pipeline.read import Shard, iter_shard, resolve, scan_prompts, unified_schema
 from pipeline.render import RenderStage
 from pipeline.schemas import INTERNAL_COLUMNS, reserved_prompt_columns
 from pipeline.storage import Commit, Storage, arrow_filesystem
@@ -43,13 +44,16 @@ def versions() -> dict[str, str]:
     return out
 
 
-def init_ray() -> None:
-    """Join RAY_ADDRESS if set, else start a private local cluster (never a stale one from /tmp/ray)."""
+def init_ray(background_nice: int = 0) -> None:
+    """Join RAY_ADDRESS if set, else start a private local cluster (never a stale one from /tmp/ray),
+    whose processes run at `background_nice` (engine actors restore their own priority)."""
     import ray
 
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        priority.lower(background_nice)
     ray.init(address=address, log_to_driver=True, logging_level="WARNING", include_dashboard=False
              if address == "local" else None)
 
@@ -239,11 +243,29 @@ def check_fits(job: JobConfig, cluster: dict[str, float], use_gpu: bool) -> None
         )
 
 
+def read_shards(fs: Any, shards: list[Shard], rows: int, num_cpus: float, with_path: bool = False) -> Any:
+    """One read task per shard, streaming blocks of `rows` rows (Ray Data's own Parquet reader
+    packs small files into one task and emits a shard as one block: nothing would reach the
+    engine, nor commit, until whole files were read)."""
+    import ray
+
+    schema = unified_schema(shards)
+
+    def read(batch: dict[str, Any]) -> Iterator[pa.Table]:
+        for path in batch["path"]:
+            yield from iter_shard(fs, str(path), schema, rows, with_path)
+
+    items = ray.data.from_items([{"path": s.path} for s in shards], override_num_blocks=len(shards))
+    # max_retries: a read retries on its own (object-store hiccups); it also keeps the read a task
+    # operator of its own: fused into the render actor, all shards would be bundled into one task.
+    return items.map_batches(read, batch_size=1, num_cpus=num_cpus, max_retries=5)
+
+
 def _execute(job: JobConfig, fs: Any, shards: list[Shard], storage: Storage, attempt: str, flagged: dict[str, str]) -> None:
     import ray
     from tqdm import tqdm
 
-    init_ray()
+    init_ray(job.resources.background_nice)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     # One read task per shard file, however small: shards are the commit unit, and Ray Data would
@@ -255,10 +277,7 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], storage: Storage, att
     check_fits(job, cluster, use_gpu)
     pool = ray.data.ActorPoolStrategy
     cpu_stage = {"batch_format": "pyarrow", "compute": pool(size=res.cpu_actors), "num_cpus": res.cpu_stage_cpus}
-    ds = ray.data.read_parquet(
-        [s.path for s in shards], filesystem=arrow_filesystem(fs), include_paths=True, schema=unified_schema(shards),
-        num_cpus=res.cpu_stage_cpus,
-    )
+    ds = read_shards(fs, shards, res.cpu_batch_size, res.cpu_stage_cpus, with_path=True)
     ds = ds.map_batches(RenderStage, fn_constructor_args=(job, flagged), batch_size=res.cpu_batch_size, **cpu_stage)
     ds = ds.map_batches(
         EngineStage,
@@ -298,12 +317,12 @@ def curate(job: JobConfig, inputs: list[str], output: str) -> str:
     import ray
 
     fs, shards = resolve(inputs, allow=frozenset(reserved_prompt_columns() - set(INTERNAL_COLUMNS)))
-    init_ray()
+    init_ray(job.resources.background_nice)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True
     res = job.resources
-    ds = ray.data.read_parquet([s.path for s in shards], filesystem=arrow_filesystem(fs), schema=unified_schema(shards))
+    ds = read_shards(fs, shards, res.cpu_batch_size, res.cpu_stage_cpus)
     ds = ds.map_batches(
         CheckStage,
         fn_constructor_args=(job, False),

@@ -141,3 +141,23 @@ def test_duplicate_and_contaminated_prompts_are_flagged_before_generation(tmp_pa
     assert scan_prompts(fs, shards, False, None) == {}
     renderer = Renderer(CharTokenizer(), load_job(None), {"3": "duplicate"})
     assert renderer({"id": "3", "prompt": "what is 2 + 2", "domain": "math"}).reject_reason == "duplicate"
+
+
+def test_shards_stream_in_blocks_in_one_schema(tmp_path):
+    """The generate/curate reader: blocks of at most `rows` rows, columns a shard lacks come back null."""
+    import fsspec
+
+    from pipeline.read import iter_shard
+
+    pq.write_table(pa.table({"id": [f"a{i}" for i in range(5)], "prompt": ["p"] * 5, "domain": ["math"] * 5}),
+                   tmp_path / "a.parquet", row_group_size=2)
+    pq.write_table(pa.table({"id": ["b0"], "prompt": ["q"], "domain": ["code"], "tests": ['{"kind": "assert", "code": ""}']}),
+                   tmp_path / "b.parquet")
+    fs, shards = resolve([str(tmp_path / "*.parquet")])
+    schema = unified_schema(shards)
+    local = fsspec.filesystem("file")
+    blocks = list(iter_shard(local, shards[0].path, schema, rows=2, with_path=True))
+    assert [b.num_rows for b in blocks] == [2, 2, 1]
+    assert all(b.schema.names == [*schema.names, "path"] for b in blocks)
+    assert blocks[0].column("tests").to_pylist() == [None, None]
+    assert set(blocks[0].column("path").to_pylist()) == {shards[0].path}

@@ -43,6 +43,8 @@ def test_rayjob_manifest():
     run = load_job(REPO_ROOT / shlex.split(spec["entrypoint"])[5])
     gpus = workers["replicas"] * int(limits["nvidia.com/gpu"])
     assert run.resources.engine_actors * run.engine.tensor_parallel_size <= gpus
+    # the code sandbox needs to create namespaces where the check stage runs
+    assert "SYS_ADMIN" in workers["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
 
 
 def test_cronjob_forbids_overlap_and_has_rbac():

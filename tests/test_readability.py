@@ -116,3 +116,16 @@ def test_checker_applies_reasoning_checks_only_to_reasoning_samples():
     unclosed = checker.parse({"prompt": EN_PROMPT, "domain": "math", "finish_reason": "stop",
                               "completion": "<think>\nLet me think about it for a while"})
     assert [v.reason for v in checker([with_code, plain, unclosed])] == ["code_in_reasoning", None, "truncated"]
+
+
+def test_a_sentence_in_another_language_is_mixing_a_term_is_not():
+    """The run check: share alone misses an English sentence in Chinese (English takes ~3x the
+    characters per word unit); a single English term or variable name stays fine."""
+    base = "\n\n".join(CLEAN_ZH)  # long enough that one English sentence stays under the share threshold
+    with_term = base + "\n\n这里用到 modulo 运算和 GCD 的性质，所以结果不变。"
+    assert run("language_mixing", sample(with_term, prompt=ZH_PROMPT)).ok
+    switched = base + "\n\nWait, let me double check this again because the divisor sum should be computed carefully."
+    v = run("language_mixing", sample(switched, prompt=ZH_PROMPT))
+    assert v.reason == "language_mixing" and "double check" in v.details["foreign_run"]
+    en_switch = CLEAN_EN[0] + "\n\n所以我们需要重新计算这个数的所有正因数并把它们加起来。"
+    assert run("language_mixing", sample(en_switch)).reason == "language_mixing"

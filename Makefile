@@ -33,7 +33,7 @@ test:
 test-fast:
 	$(PY) -m pytest tests -m "not slow"
 
-# Every performance figure against its target (~13 min): generation vs raw vLLM, CPU stages,
+# Every performance figure against its target (~8 min here): generation vs raw vLLM, CPU stages,
 # 1M-row memory soak; writes bench/results/latest.{json,md} and the README's table.
 bench:
 	$(PY) bench/run.py

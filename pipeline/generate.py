@@ -83,6 +83,13 @@ class EngineStage:
     def _seed(self, prompt_id: str) -> int | None:
         return None if self.job_seed is None else request_seed(int(self.job_seed), prompt_id)
 
+    def __del__(self) -> None:
+        """Ray Data drops the UDF when it retires the actor: stop vLLM's engine processes
+        cleanly instead of leaving them to be killed with the actor."""
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
     async def _request(self, row: dict[str, Any]) -> tuple[list[Any] | None, str | None]:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind

@@ -13,6 +13,9 @@ class FlakyEngine:
 
     errored = False
 
+    def shutdown(self):
+        pass
+
     async def generate(self, prompt, params, request_id):
         if prompt["prompt_token_ids"] == [666]:
             raise ValueError("engine rejected a request")

@@ -43,9 +43,10 @@ bench-cpu:
 	$(PY) bench/cpu_stages.py
 
 # Readability thresholds measured on real English and Chinese text (downloads the Chinese corpus
-# once into .cache/calibration); writes bench/results/readability_calibration.json
+# once into .cache/calibration); SAMPLES='out/run/samples/*.parquet' adds a run's real model output.
+# Writes bench/results/readability_calibration.json
 calibrate:
-	$(PY) bench/calibrate_readability.py
+	$(PY) bench/calibrate_readability.py $(if $(SAMPLES),--samples '$(SAMPLES)')
 
 # A local S3-compatible server (SeaweedFS) on 127.0.0.1 for development; credentials from the
 # environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), then use AWS_ENDPOINT_URL=http://127.0.0.1:$(S3_PORT).

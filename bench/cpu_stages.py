@@ -52,14 +52,16 @@ def traces(n: int, tokens: int, zh: bool) -> list[str]:
     return out
 
 
+def reasoning_sample(reasoning: str, prompt: str) -> dict:
+    """A finished math sample of a reasoning model with this chain of thought."""
+    return {"prompt": prompt, "domain": "math", "reasoning": reasoning, "final": "\\boxed{1}",
+            "completion": f"<think>\n{reasoning}\n</think>\n\n\\boxed{{1}}", "think_closes": 1, "finish_reason": "stop"}
+
+
 def bench_filters(zh: bool) -> dict[str, float]:
     job = load_job(None)
     filters = [FILTERS.build(f.name, **f.params) for f in job.filters]
-    samples = [
-        {"prompt": "求和" if zh else "What is the sum?", "domain": "math", "reasoning": t, "final": "\\boxed{1}",
-         "completion": f"<think>\n{t}\n</think>\n\n\\boxed{{1}}", "think_closes": 1, "finish_reason": "stop"}
-        for t in traces(40, 8000, zh)
-    ]
+    samples = [reasoning_sample(t, "求和" if zh else "What is the sum?") for t in traces(40, 8000, zh)]
     rounds = 5
     t0 = time.perf_counter()
     verdicts = []

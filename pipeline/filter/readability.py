@@ -44,9 +44,8 @@ def prose(text: str) -> str:
     return _NON_PROSE.sub(" ", text)
 
 
-def script_units(text: str) -> dict[str, float]:
-    """Word units per script in the prose of `text` (math, code and LaTeX removed)."""
-    p = prose(text)
+def script_units(p: str) -> dict[str, float]:
+    """Word units per script in prose `p` (text through `prose`: math, code and LaTeX removed)."""
     ascii_part = p.encode("ascii", "ignore")
     letters = {"latin": float(len(ascii_part) - len(ascii_part.translate(None, _ASCII_LETTERS)))}
     if not p.isascii():
@@ -64,7 +63,7 @@ def script_units(text: str) -> dict[str, float]:
 
 
 def dominant_script(text: str) -> str | None:
-    units = script_units(text)
+    units = script_units(prose(text))
     return max(units, key=units.__getitem__) if units else None
 
 
@@ -146,7 +145,8 @@ class LanguageMixing:
         text = _reasoning(sample) if sample.get("reasoning") is not None else sample.get("final")
         if not text:
             return Verdict.accept()
-        units = script_units(text)
+        p = prose(text)
+        units = script_units(p)
         total = sum(units.values())
         if total < self.min_units:
             return Verdict.accept()
@@ -155,7 +155,6 @@ class LanguageMixing:
         if share > self.max_foreign_share:
             return Verdict.reject("language_mixing", expected=expected, foreign_share=round(share, 3),
                                   scripts={k: round(v) for k, v in units.items()})
-        p = prose(text)
         for script in units:
             if script != expected and script in self.runs and (m := self.runs[script].search(p)):
                 return Verdict.reject("language_mixing", expected=expected, foreign_run=m.group(0)[:120])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Literal, Union
 
@@ -153,10 +154,8 @@ class CodeVerifier:
         slots: int | None = None,
     ) -> None:
         self.sandbox = Sandbox(slots=slots, python=python)
-        self.limits = dict(
-            memory_mb=memory_mb, processes=processes, file_mb=file_mb,
-            scratch_mb=scratch_mb, output_bytes=int(output_mb * 1024 * 1024),
-        )  # fmt: skip
+        self.limits = Limits(memory_mb=memory_mb, processes=processes, file_mb=file_mb, scratch_mb=scratch_mb,
+                             output_bytes=int(output_mb * 1024 * 1024))
 
     def __call__(self, sample: Sample) -> Verdict:
         if not sample.get("tests"):
@@ -168,7 +167,7 @@ class CodeVerifier:
         program = last_python_block(sample.get("final"))
         if program is None:
             return Verdict.reject("no_code")
-        limits = Limits(wall_s=spec.time_limit_s, **self.limits)
+        limits = replace(self.limits, wall_s=spec.time_limit_s)
         try:
             if isinstance(spec, AssertTests):
                 return self._check_assert(program, spec, limits)

@@ -42,7 +42,6 @@ cd /tmp || exit 121
 shift
 exec "$@"
 """
-SETUP_FAILED = 121
 _ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
 _UID_BASE = 200_000
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 from typing import Any
 
 import yaml
@@ -25,10 +26,11 @@ def render_card(manifest: dict[str, Any]) -> str:
     """Front matter (configs, features, sizes) + a human summary of the run."""
     stats = manifest["stats"]
     job = manifest.get("job", {})
+    data, samples = (posixpath.dirname(manifest["files"][k][0]) for k in ("data", "samples"))
     front = {
         "configs": [
-            {"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]},
-            {"config_name": "all_samples", "data_files": [{"split": "train", "path": "samples/*.parquet"}]},
+            {"config_name": "default", "data_files": [{"split": "train", "path": f"{data}/train-*.parquet"}]},
+            {"config_name": "all_samples", "data_files": [{"split": "train", "path": f"{samples}/*.parquet"}]},
         ],
         "dataset_info": {
             "config_name": "default",
@@ -64,9 +66,10 @@ def render_card(manifest: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "`data/` holds the accepted samples with a `messages` column (TRL conversational format);",
-        "`samples/` holds every sample with `accepted` and `reject_reason`. Load with",
-        "`datasets.load_dataset(\"parquet\", data_files=\"data/*.parquet\")`.",
+        f"Version `{manifest['version']}`. `{data}/` holds the accepted samples with a `messages` column",
+        f"(TRL conversational format); `{samples}/` holds every sample with `accepted` and `reject_reason`.",
+        "Load this folder with `datasets.load_dataset(FOLDER)` (it follows this card), or name the files:",
+        f"`datasets.load_dataset(\"parquet\", data_files=\"{manifest.get('output', '.')}/{data}/*.parquet\")`.",
         "",
     ]
     return "\n".join(lines)

@@ -11,7 +11,7 @@ import typer
 
 from pipeline.config import DEFAULT_JOB, ConfigError, load_job, parse_sets, split_pairs
 from pipeline.read import InputError, split_spec
-from pipeline.storage import LeaseHeld
+from pipeline.storage import LeaseHeld, LeaseLost, NotOwned
 
 # No locals in tracebacks: they could hold credentials.
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distillation data pipeline.",
@@ -38,14 +38,21 @@ def generate(
     shards: Optional[str] = typer.Option(None, help="Glob or comma-separated list of local paths / s3:// URIs."),
     output: Optional[str] = typer.Option(None, help="Output folder or s3:// URI."),
     set_: list[str] = typer.Option([], "--set", help="Override a job key, e.g. --set sampling.n=8 (repeatable)."),
+    new_version: bool = typer.Option(False, "--new-version",
+                                     help="Publish a version made only with this configuration where the output "
+                                          "holds one made with another (otherwise refused)."),
 ) -> None:
     """Generate, verify, filter and publish; prints the dataset URI last."""
+    from pipeline.run import RunIncomplete
     from pipeline.run import generate as run_generate
 
     try:
         cfg = load_job(job, parse_sets(set_), shards=split_spec(shards) if shards else None, output=output)
-        uri = run_generate(cfg)
-    except (ConfigError, InputError, OSError, LeaseHeld) as e:
+        uri = run_generate(cfg, new_version=new_version)
+    except (LeaseLost, RunIncomplete) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    except (ConfigError, InputError, OSError, LeaseHeld, NotOwned) as e:
         _fail(e)
     typer.echo(uri)
 

@@ -152,6 +152,13 @@ class ResourceSpec(Strict):
     )
 
 
+class CommitSpec(Strict):
+    """How often finished prompts are committed: what a killed run keeps, against objects written."""
+
+    max_prompts: int = Field(256, ge=1, description="Commit once this many prompts are complete.")
+    max_age_s: float = Field(30.0, gt=0, description="Commit once the oldest complete prompt waited this long.")
+
+
 class JobConfig(Strict):
     """A whole run: inputs, model, sampling, checks, output."""
 
@@ -175,6 +182,7 @@ class JobConfig(Strict):
     judge: JudgeSpec = Field(default_factory=JudgeSpec)
     select: SelectSpec = Field(default_factory=SelectSpec)
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
+    commit: CommitSpec = Field(default_factory=CommitSpec)
     rows_per_data_file: int = Field(100_000, ge=1)
     lease_ttl_s: float = Field(600, ge=10, description="A run's lease on its output expires this long after its last heartbeat.")
 

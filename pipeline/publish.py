@@ -1,13 +1,19 @@
-"""Publish committed units as a dataset fine-tuning tools load directly; `_manifest.json` last.
+"""Publish one configuration's commits as a new immutable version; the pointers move last.
 
-Publishing is a pure function of the commit records, so rerunning it gives the same files: a
-crash during publish is repaired by the next run. Readers wait for the manifest.
+A version's files go to fresh folders (`data/<version>/`, `samples/<version>/`,
+`plots/<version>/`) named in an intent record first, so a crash leaves nothing unaccounted;
+the version number is then claimed exclusively, and only then do `README.md` (the card that
+`datasets` follows), `report.md` and `_manifest.json` point at it (storage.py, invariant 4).
+Publishing the same commits with the same settings again changes nothing.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import posixpath
 import time
+import uuid
 from collections import Counter, defaultdict
 from typing import Any, Iterable, Iterator
 
@@ -18,10 +24,14 @@ from pipeline.card import render_card
 from pipeline.config import SelectSpec
 from pipeline import report
 from pipeline.parse import assistant_content
+from pipeline.commits import commit_files, committed_prompts
+from pipeline.fingerprint import digest
 from pipeline.select import select
-from pipeline.storage import Commit, Storage
+from pipeline.storage import INTERNAL, Fenced, LeaseLost, Storage
 
 MANIFEST = "_manifest.json"
+VERSIONS = f"{INTERNAL}/versions"
+KEPT_VERSIONS = 2  # the current one and its predecessor, for readers that resolved the card just before a switch
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 DATA_METADATA = (
     "id", "domain", "source", "answer", "model", "sample_index", "finish_reason",
@@ -64,8 +74,8 @@ def _rebatch(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
 class Stats:
     """Counts by domain and reason, accept rates, prompts with an accepted sample, token lengths.
 
-    Memory stays bounded however large the run: `add` takes one committed shard (it holds all
-    samples of its prompts, so prompts are counted per shard), and token lengths are histograms."""
+    Memory stays bounded however large the run: `add` takes one commit (it holds all samples of
+    its prompts, so prompts are counted per commit), and token lengths are histograms."""
 
     def __init__(self) -> None:
         self.by_domain: dict[str, Counter[str]] = defaultdict(Counter)
@@ -128,58 +138,120 @@ def _quantiles(histogram: Counter[int]) -> dict[str, float]:
     return {"mean": round(mean, 1), "p50": q(0.5), "p90": q(0.9), "max": values[-1][0]}
 
 
-def data_file_names(accepted: int, rows_per_file: int) -> list[str]:
+def data_file_names(folder: str, accepted: int, rows_per_file: int) -> list[str]:
     n = max(1, math.ceil(accepted / rows_per_file))
-    return [f"data/train-{i:05d}-of-{n:05d}.parquet" for i in range(n)]
+    return [f"{folder}/train-{i:05d}-of-{n:05d}.parquet" for i in range(n)]
 
 
-def publish(storage: Storage, manifest: dict[str, Any], rows_per_file: int, started: float,
-            selection: SelectSpec | None = None) -> dict[str, Any]:
-    """Write samples/, data/, README.md from the commits, then the manifest. Returns the manifest.
+def folders(version: str) -> dict[str, str]:
+    """Where a version's files live; nothing else is ever written under these names."""
+    return {kind: f"{kind}/{version}" for kind in ("data", "samples", "plots")}
 
-    Rejection sampling (`selection`) runs here, per committed shard, because a shard holds all
-    samples of its prompts. `started` (epoch seconds) is when the run began."""
+
+def latest_version(storage: Storage) -> dict[str, Any] | None:
+    """The record of the newest claimed version, if any."""
+    seqs = [posixpath.basename(p)[:-5] for p in storage.list(VERSIONS) if p.endswith(".json")]
+    seqs = sorted(s for s in seqs if s.isdigit())
+    return storage.read_json(f"{VERSIONS}/{seqs[-1]}.json") if seqs else None
+
+
+def publish(fenced: Fenced, fp: str, manifest: dict[str, Any], settings: dict[str, Any], started: float,
+            selection: SelectSpec | None = None, rows_per_file: int = 100_000) -> dict[str, Any]:
+    """Publish the commits of generation fingerprint `fp` as a new version (or leave the current
+    one when nothing changed); returns its manifest. Rejection sampling runs here, per commit,
+    because a commit holds every sample of its prompts."""
+    storage = fenced.storage
     t0 = time.time()
-    commits = [c for _, c in sorted(storage.commits().items())]
-    storage.remove(MANIFEST)  # a half-republished dataset must not look complete
+    inputs = digest({"fp": fp, "commits": commit_files(storage, fp), "settings": settings})
+    latest = latest_version(storage)
+    if latest is not None and latest["inputs"] == inputs:
+        _point(fenced, latest["manifest"])  # repairs pointers a crash left behind; else writes nothing
+        return latest["manifest"]
+    seq = (latest["seq"] if latest else 0) + 1
+    version = f"v{seq:06d}-{uuid.uuid4().hex[:8]}"
+    where = folders(version)
+    intent = f"{VERSIONS}/pending-{version}.json"
+    fenced.write_json(intent, {"version": version, "epoch": fenced.lease.epoch, "folders": where})
     stats = Stats()
     sample_files = []
-    for c in commits:
-        rel = f"samples/{c.unit}.parquet"
-        tables = list(storage.committed_tables(c))
-        table = pa.concat_tables(tables, promote_options="default") if tables else None
-        if table is not None:
-            table = select(table, selection or SelectSpec())
-            storage.write_table(rel, table)
-            stats.add(table)
-            sample_files.append(rel)
+    for i, table in enumerate(committed_prompts(storage, fp)):
+        table = select(table, selection or SelectSpec())
+        rel = f"{where['samples']}/samples-{i:05d}.parquet"
+        fenced.write_table(rel, table)
+        stats.add(table)
+        sample_files.append(rel)
     summary = stats.summary()
-    names = data_file_names(summary["accepted"], rows_per_file)
-    _write_data(storage, commits, names, rows_per_file)
-    for stale in set(storage.list("data")) - set(names):
-        storage.remove(stale)
-    for stale in set(storage.list("samples")) - set(sample_files):
-        storage.remove(stale)
+    names = data_file_names(where["data"], summary["accepted"], rows_per_file)
+    _write_data(fenced, sample_files, names, rows_per_file)
+    plots = []
+    for name, png in report.plots(summary, stats.tokens).items():
+        rel = f"{where['plots']}/{name}"
+        fenced.write_bytes(rel, png)
+        plots.append(rel)
     manifest = {
         **manifest,
-        "units": {c.unit: {"source": c.source, "rows": c.rows, "accepted": c.accepted} for c in commits},
+        "version": version,
+        "seq": seq,
         "stats": summary,
-        "files": {"data": names, "samples": sample_files},
+        "files": {"data": names, "samples": sample_files, "plots": plots},
     }
     manifest["timings"] = {**manifest.get("timings", {}), "publish_s": round(time.time() - t0, 2),
                            "total_s": round(time.time() - started, 2)}
-    storage.write_bytes("README.md", render_card(manifest).encode())
-    storage.write_bytes("report.md", report.markdown(manifest).encode())
-    for name, png in report.plots(manifest["stats"], stats.tokens).items():
-        storage.write_bytes(name, png)
-    storage.write_json(MANIFEST, manifest)
-    storage.clean_attempts({c.attempt for c in commits})
+    record = {"seq": seq, "version": version, "inputs": inputs, "epoch": fenced.lease.epoch, "manifest": manifest}
+    if not fenced.create_exclusive(f"{VERSIONS}/{seq:08d}.json", json.dumps(record, default=str).encode()):
+        _remove_files(fenced, _version_files(manifest))
+        fenced.remove(intent)
+        raise LeaseLost(f"version {seq} of {storage.uri} was published by another run while this one wrote it")
+    fenced.remove(intent)
+    _point(fenced, manifest)
+    _prune(fenced, seq)
     return manifest
 
 
-def _write_data(storage: Storage, commits: list[Commit], names: list[str], rows_per_file: int) -> None:
+def _point(fenced: Fenced, manifest: dict[str, Any]) -> None:
+    """Make the card, the report and the manifest (last) name this version."""
+    storage = fenced.storage
+    try:
+        current = storage.read_json(MANIFEST).get("version")
+    except FileNotFoundError:
+        current = None
+    if current == manifest["version"]:
+        return
+    fenced.write_bytes("README.md", render_card(manifest).encode())
+    fenced.write_bytes("report.md", report.markdown(manifest).encode())
+    fenced.write_json(MANIFEST, manifest)
+
+
+def _version_files(manifest: dict[str, Any]) -> list[str]:
+    return [rel for files in manifest["files"].values() for rel in files]
+
+
+def _remove_files(fenced: Fenced, files: Iterable[str]) -> None:
+    for rel in files:
+        fenced.remove(rel)
+
+
+def _prune(fenced: Fenced, seq: int) -> None:
+    """Delete versions older than the kept ones and interrupted publishes, file by named file."""
+    storage = fenced.storage
+    for rel in storage.list(VERSIONS):
+        name = posixpath.basename(rel)[:-5]
+        if name.isdigit() and int(name) <= seq - KEPT_VERSIONS:
+            _remove_files(fenced, _version_files(storage.read_json(rel)["manifest"]))
+            fenced.remove(rel)
+        elif name.startswith("pending-"):
+            pending = storage.read_json(rel)
+            if pending.get("epoch", 0) < fenced.lease.epoch:  # a crashed earlier holder's; ours are claimed by now
+                for folder in pending["folders"].values():
+                    _remove_files(fenced, storage.list(folder))
+                fenced.remove(rel)
+
+
+def _write_data(fenced: Fenced, sample_files: list[str], names: list[str], rows_per_file: int) -> None:
+    storage = fenced.storage
+
     def accepted_tables() -> Iterator[pa.Table]:
-        for rel in (f"samples/{c.unit}.parquet" for c in commits):
+        for rel in sample_files:
             yield to_training_rows(storage.read_table(rel))
 
     groups = _rebatch(accepted_tables(), rows_per_file)
@@ -187,7 +259,7 @@ def _write_data(storage: Storage, commits: list[Commit], names: list[str], rows_
         group = next(groups, None)
         if group is None:  # no accepted sample at all: an empty but loadable file
             group = to_training_rows(_empty_samples())
-        storage.write_table(name, group)
+        fenced.write_table(name, group)
 
 
 def _empty_samples() -> pa.Table:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.commits import KEY_COLUMN, Key, hash_rows
 from pipeline.ngrams import Contamination, digest, normalize
 from pipeline.schemas import arrow_fields, check_columns
 from pipeline.storage import filesystem
@@ -28,12 +27,6 @@ class Shard:
     """The filesystem path Ray Data reports for its rows."""
     rows: int
     schema: pa.Schema | None = None
-
-    @property
-    def unit(self) -> str:
-        """The commit unit's name: readable, and unique even for equal basenames."""
-        stem = posixpath.basename(self.path).removesuffix(".parquet")
-        return f"{stem}-{hashlib.sha1(self.uri.encode()).hexdigest()[:8]}"
 
 
 def split_spec(spec: str | list[str]) -> list[str]:
@@ -103,9 +96,12 @@ def unified_schema(shards: list[Shard]) -> pa.Schema:
 
 
 def iter_shard(fs: fsspec.AbstractFileSystem, path: str, schema: pa.Schema, rows: int,
-               with_path: bool = False) -> Iterator[pa.Table]:
+               skip: frozenset[str] | None = None) -> Iterator[pa.Table]:
     """A shard as tables of at most `rows` rows in `schema` (absent columns null), read as it
-    streams: downstream stages start on the first rows while the rest of the file is read."""
+    streams: downstream stages start on the first rows while the rest of the file is read.
+
+    With `skip` (generation), rows carry their content hash (`prompt_hash`) and those whose id
+    is in `skip` (done, or an earlier copy of the same prompt) are left out."""
     with fs.open(path, "rb") as f:
         for batch in pq.ParquetFile(f).iter_batches(batch_size=rows):
             table = pa.Table.from_batches([batch])
@@ -115,37 +111,76 @@ def iter_shard(fs: fsspec.AbstractFileSystem, path: str, schema: pa.Schema, rows
                 for field in schema
             ]
             table = pa.Table.from_arrays(columns, schema=schema)
-            yield table.append_column("path", pa.array([path] * table.num_rows, pa.string())) if with_path else table
-
-
-def scan_prompts(fs: fsspec.AbstractFileSystem, shards: list[Shard], dedup: bool = True,
-                 contamination: Contamination | None = None) -> dict[str, str]:
-    """One pass over the id and prompt columns before any GPU work.
-
-    Ids must be non-empty and unique across all shards ((id, sample_index) keys the output).
-    Returns the prompts not to generate: id -> `duplicate` (same prompt up to case, spacing and
-    punctuation as an earlier one) or `contaminated` (shares an n-gram with a benchmark problem)."""
-    first_seen: dict[str, str] = {}
-    prompts_seen: set[bytes] = set()
-    flagged: dict[str, str] = {}
-    for s in shards:
-        with fs.open(s.path, "rb") as f:
-            cols = pq.read_table(f, columns=["id", "prompt"]).to_pydict()
-        for row, (pid, prompt) in enumerate(zip(cols["id"], cols["prompt"])):
-            if pid is None or not str(pid).strip():
-                raise InputError(f"{s.uri}: row {row}: column 'id' is empty")
-            if pid in first_seen:
-                where = "twice in this shard" if first_seen[pid] == s.uri else f"also in {first_seen[pid]}"
-                raise InputError(f"{s.uri}: row {row}: duplicate id {pid!r} ({where})")
-            first_seen[pid] = s.uri
-            if not prompt:
+            if skip is None:
+                yield table
                 continue
-            if dedup:
-                d = digest(normalize(prompt))
-                if d in prompts_seen:
-                    flagged[pid] = "duplicate"
+            table = table.append_column(KEY_COLUMN, pa.array(hash_rows(table), pa.string()))
+            if skip:
+                table = table.filter(pa.array([pid not in skip for pid in table.column("id").to_pylist()]))
+            if table.num_rows:
+                yield table
+
+
+@dataclass
+class Plan:
+    """What a generation run has to do, decided before any GPU work."""
+
+    todo: set[Key] = field(default_factory=set)
+    skip: dict[str, frozenset[str]] = field(default_factory=dict)
+    """Shard path -> ids not to read again (done, or another copy of an earlier prompt)."""
+    flagged: dict[str, str] = field(default_factory=dict)
+    """Prompt id -> `duplicate` / `contaminated`: committed without GPU time."""
+    done: int = 0
+    copies: int = 0
+
+    def shards(self, shards: list[Shard]) -> list[Shard]:
+        """The shards that still hold a prompt to generate."""
+        return [s for s in shards if len(self.skip.get(s.path, ())) < s.rows]
+
+
+def scan_prompts(fs: fsspec.AbstractFileSystem, shards: list[Shard], committed: dict[str, str],
+                 dedup: bool = True, contamination: Contamination | None = None) -> Plan:
+    """One pass over the shards before any GPU work: every prompt's key, what is already done.
+
+    Ids must be non-empty; an id seen again with the same content (a symlinked or resharded
+    copy) is read once, with other content it is an error, as is a prompt whose content changed
+    since it was committed under its id. Prompts equal up to case, spacing and punctuation to an
+    earlier one (`duplicate`) or sharing an n-gram with a benchmark (`contaminated`) are flagged."""
+    schema = unified_schema(shards)
+    seen: dict[str, tuple[str, str]] = {}
+    prompts_seen: set[bytes] = set()
+    plan = Plan()
+    for s in shards:
+        skip: set[str] = set()
+        row = 0
+        for table in iter_shard(fs, s.path, schema, 8192):
+            cols = table.select(["id", "prompt"]).to_pydict()
+            for pid, prompt, h in zip(cols["id"], cols["prompt"], hash_rows(table)):
+                where = f"{s.uri}: row {row}"
+                row += 1
+                if pid is None or not str(pid).strip():
+                    raise InputError(f"{where}: column 'id' is empty")
+                if pid in seen:
+                    if seen[pid][1] != h:
+                        raise InputError(f"{where}: id {pid!r} is also used by a different prompt in {seen[pid][0]}")
+                    skip.add(pid)
+                    plan.copies += 1
                     continue
-                prompts_seen.add(d)
-            if contamination is not None and contamination.hits(prompt):
-                flagged[pid] = "contaminated"
-    return flagged
+                seen[pid] = (s.uri, h)
+                if prompt and dedup:
+                    d = digest(normalize(prompt))
+                    if d in prompts_seen:
+                        plan.flagged[pid] = "duplicate"
+                    prompts_seen.add(d)
+                if prompt and pid not in plan.flagged and contamination is not None and contamination.hits(prompt):
+                    plan.flagged[pid] = "contaminated"
+                if pid in committed:
+                    if committed[pid] != h:
+                        raise InputError(f"{where}: prompt {pid!r} differs from the one this output committed under "
+                                         "that id; use a new output (or --new-version) for changed prompts")
+                    skip.add(pid)
+                    plan.done += 1
+                    continue
+                plan.todo.add((pid, h))
+        plan.skip[s.path] = frozenset(skip)
+    return plan

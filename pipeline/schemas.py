@@ -15,7 +15,7 @@ _ARROW = {"string": pa.string(), "integer": pa.int64(), "boolean": pa.bool_(), "
 # Columns the pipeline adds on the way (besides the sample schema's own); prompt shards must not carry them.
 RENDER_COLUMNS = ("rendered", "prompt_token_ids")
 """What the render stage adds for the engine; dropped from sample rows."""
-INTERNAL_COLUMNS = ("path", *RENDER_COLUMNS)
+INTERNAL_COLUMNS = RENDER_COLUMNS
 
 
 @lru_cache(maxsize=None)

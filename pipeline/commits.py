@@ -1,0 +1,149 @@
+"""Commits identified by content: the unit of exactly-once is a set of complete prompts.
+
+A prompt's key is its id and a hash of everything else in its row, so the same prompts reach
+the same keys whatever shards, paths or shard sizes carried them. The driver buffers samples
+until a prompt has all of its sample indexes, then commits groups of complete prompts as one
+exclusively created Parquet file (storage.py, invariant 3): a killed attempt keeps every group
+it committed, so a rerun generates only what was unfinished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.storage import INTERNAL, Fenced, Storage, table_bytes
+
+KEY_COLUMN = "prompt_hash"
+Key = tuple[str, str]
+"""(prompt id, prompt content hash)."""
+
+
+def hash_rows(table: pa.Table) -> list[str]:
+    """The content hash of each prompt row: every column but `id`, nulls left out, canonical JSON."""
+    cols = [c for c in table.column_names if c != "id"]
+    data = table.select(cols).to_pylist()
+    return [
+        hashlib.sha256(json.dumps({k: v for k, v in row.items() if v is not None}, sort_keys=True,
+                                  ensure_ascii=False, default=str).encode()).hexdigest()[:24]
+        for row in data
+    ]
+
+
+def commit_dir(fp: str) -> str:
+    return f"{INTERNAL}/commits/{fp}"
+
+
+def group_name(keys: list[Key]) -> str:
+    """A commit's name: a hash of the prompt keys it holds, so a retried commit of the same group
+    meets its own earlier copy and never lands twice."""
+    text = "\n".join(f"{pid}\t{h}" for pid, h in sorted(keys))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def commit_files(storage: Storage, fp: str) -> list[str]:
+    """Every commit of a configuration, in the order publish reads them."""
+    return [p for p in storage.list(commit_dir(fp)) if p.endswith(".parquet")]
+
+
+def committed_keys(storage: Storage, fp: str, threads: int = 16) -> dict[str, str]:
+    """id -> content hash of every committed prompt (only two columns of each commit are read)."""
+    files = commit_files(storage, fp)
+
+    def keys(rel: str) -> list[tuple[str, str]]:
+        t = storage.read_table(rel, columns=["id", KEY_COLUMN])
+        return list(zip(t.column("id").to_pylist(), t.column(KEY_COLUMN).to_pylist()))
+
+    out: dict[str, str] = {}
+    with ThreadPoolExecutor(threads) as pool:
+        for pairs in pool.map(keys, files):
+            out.update(pairs)
+    return out
+
+
+def committed_prompts(storage: Storage, fp: str) -> Iterator[pa.Table]:
+    """Each commit's samples, every prompt taken from exactly one commit (the first by name), so
+    commits of overlapping groups (a resumed holder racing its successor) never duplicate one."""
+    taken: set[Key] = set()
+    for rel in commit_files(storage, fp):
+        table = storage.read_table(rel)
+        keys = list(zip(table.column("id").to_pylist(), table.column(KEY_COLUMN).to_pylist()))
+        fresh = [k not in taken for k in keys]
+        taken.update(keys)
+        if not all(fresh):
+            table = table.filter(pa.array(fresh))
+        if table.num_rows:
+            yield table
+
+
+class CommitWriter:
+    """Buffers result rows per prompt and commits groups of complete prompts exactly once.
+
+    A prompt is complete when every sample index 0..n-1 has arrived; a repeated (id, hash,
+    sample_index) from a replayed batch is dropped, never counted twice. Groups are flushed when
+    `max_prompts` are complete or the oldest complete one waited `max_age_s`."""
+
+    def __init__(self, fenced: Fenced, fp: str, attempt: str, n: int, expected: set[Key],
+                 max_prompts: int = 256, max_age_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.fenced, self.fp, self.attempt, self.n = fenced, fp, attempt, n
+        self.expected = expected
+        self.max_prompts, self.max_age_s, self.clock = max_prompts, max_age_s, clock
+        self.partial: dict[Key, dict[int, pa.Table]] = defaultdict(dict)
+        self.complete: list[tuple[Key, pa.Table]] = []
+        self.oldest: float | None = None
+        self.done: set[Key] = set()
+        self.duplicates = 0
+        self.unexpected = 0
+        self.commits: list[str] = []
+
+    def add(self, batch: pa.Table) -> int:
+        """Take one result batch; returns how many of its rows were new samples."""
+        ids = batch.column("id").to_pylist()
+        hashes = batch.column(KEY_COLUMN).to_pylist()
+        indexes = batch.column("sample_index").to_pylist()
+        new = 0
+        for row, key in enumerate(zip(ids, hashes)):
+            if key not in self.expected:
+                self.unexpected += 1
+                continue
+            slots = self.partial[key] if key not in self.done else None
+            if slots is None or indexes[row] in slots or not 0 <= indexes[row] < self.n:
+                self.duplicates += 1
+                continue
+            slots[indexes[row]] = batch.slice(row, 1)
+            new += 1
+            if len(slots) == self.n:
+                self.complete.append((key, pa.concat_tables([slots[i] for i in range(self.n)])))
+                del self.partial[key]
+                self.done.add(key)
+                self.oldest = self.oldest if self.oldest is not None else self.clock()
+        if self.complete and (len(self.complete) >= self.max_prompts or self.clock() - (self.oldest or 0) >= self.max_age_s):
+            self.flush()
+        return new
+
+    def flush(self) -> None:
+        """Commit the complete prompts buffered so far as one file."""
+        if not self.complete:
+            return
+        keys = [k for k, _ in self.complete]
+        table = pa.concat_tables([t for _, t in self.complete], promote_options="default")
+        name = group_name(keys)
+        rel = posixpath.join(commit_dir(self.fp), f"{name}.parquet")
+        meta = {"pipeline.commit": json.dumps({"attempt": self.attempt, "epoch": self.fenced.lease.epoch,
+                                               "prompts": len(keys), "rows": table.num_rows,
+                                               "accepted": int(pc.sum(table.column("accepted")).as_py() or 0)})}
+        self.fenced.create_exclusive(rel, table_bytes(table, meta))  # False: this very group is already in
+        self.commits.append(rel)
+        self.complete, self.oldest = [], None
+
+    def missing(self) -> list[Key]:
+        """Expected prompts that did not arrive complete."""
+        return sorted(self.expected - self.done)

@@ -289,6 +289,8 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: F
     progress = Progress(total)
     with tqdm(total=total, unit="sample", desc="samples", disable=None) as bar:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            if not progress.samples:
+                log.info("first samples after %.0fs", time.monotonic() - progress.t0)
             bar.update(writer.add(batch))
             progress.add(batch)
     writer.flush()

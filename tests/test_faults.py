@@ -1,5 +1,9 @@
-"""Fault tests with the real engine: kill -9 of the driver mid-run, then the same command again."""
+"""Fault tests with the real engine: kill -9 of the driver mid-run, then the same command again.
 
+Every kill waits on an event that proves work was in flight (the driver's "first samples" log
+line, or commit files appearing), never on a fixed delay."""
+
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_shard
+from pipeline.commits import commit_dir, commit_files
 from pipeline.config import REPO_ROOT
 from pipeline.storage import Storage
 
@@ -21,10 +26,13 @@ PROMPTS = ["What is 1 + 1?", "What is 2 + 3?", "What is 5 - 2?", "What is 2 time
 SHARDS = 5
 
 
-def command(shards: str, out: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline", "generate", "--job", "jobs/demo.yaml", "--shards", shards,
-            "--output", str(out), "--set", "sampling.n=2", "--set", "sampling.max_tokens=24",
-            "--set", "resources.batch_size=1", "--set", "resources.cpu_batch_size=2"]
+def command(shards: str, out: Path, *sets: str) -> list[str]:
+    cmd = [sys.executable, "-m", "pipeline", "generate", "--job", "jobs/demo.yaml", "--shards", shards,
+           "--output", str(out), "--set", "sampling.n=2", "--set", "sampling.max_tokens=24",
+           "--set", "resources.batch_size=1", "--set", "resources.cpu_batch_size=2"]
+    for item in sets:
+        cmd += ["--set", item]
+    return cmd
 
 
 def kill_session(proc: subprocess.Popen) -> None:
@@ -35,85 +43,131 @@ def kill_session(proc: subprocess.Popen) -> None:
         pass
 
 
-def inputs(tmp_path: Path) -> tuple[str, Path, Path]:
-    """SHARDS shards of two prompts each; returns the shard glob, the output and its commit folder."""
-    for i in range(SHARDS):
+def inputs(tmp_path: Path, shards: int = SHARDS, per_shard: int = 2) -> tuple[str, Path]:
+    """`shards` shards of `per_shard` prompts each; returns the shard glob and the output."""
+    for i in range(shards):
         write_shard(tmp_path / "in" / f"p-{i}.parquet",
-                    [{"id": f"q{i}-{j}", "prompt": PROMPTS[2 * i + j], "answer": "0"} for j in range(2)])
-    out = tmp_path / "out"
-    return str(tmp_path / "in" / "*.parquet"), out, out / "_pipeline" / "commits"
+                    [{"id": f"q{i}-{j}", "prompt": PROMPTS[(per_shard * i + j) % len(PROMPTS)] + f" (#{i}-{j})",
+                      "answer": "0"} for j in range(per_shard)])
+    return str(tmp_path / "in" / "*.parquet"), tmp_path / "out"
 
 
 def wait_for(reached: Callable[[], bool], proc: subprocess.Popen, log: Path, what: str) -> None:
     deadline = time.time() + 600
     while time.time() < deadline and not reached():
         assert proc.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert reached(), f"never reached {what}"
 
 
-def engine_actors(proc: subprocess.Popen) -> list[int]:
-    """The engine actor processes of the run started as `proc` (its own session: no other run's)."""
-    found = subprocess.run(["pgrep", "-s", str(proc.pid), "-f", r"MapBatches\(EngineStage\)"], capture_output=True, text=True)
-    return [int(pid) for pid in found.stdout.split()]
-
-
-@pytest.mark.parametrize("moment", ["while_generating", "after_a_commit"])
-def test_kill_9_of_the_driver_then_rerun_publishes_every_sample_exactly_once(tmp_path, moment):
-    shards, out, commits = inputs(tmp_path)
-    first = subprocess.Popen(command(shards, out), cwd=REPO_ROOT, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "first.log", "wb"))
+def committed_prompts(out: Path) -> dict[str, int]:
+    """Committed prompts per commit file (read from the files themselves)."""
+    storage = Storage(str(out))
     try:
-        def reached() -> bool:
-            if moment == "while_generating":
-                return bool(engine_actors(first))
-            return commits.exists() and any(commits.iterdir())
+        (fp,) = [p.rsplit("/", 1)[-1] for p in storage.fs.ls(storage.path("_pipeline/commits"))]
+    except (FileNotFoundError, ValueError):
+        return {}
+    return {rel: len(set(storage.read_table(rel, columns=["id"]).column("id").to_pylist()))
+            for rel in commit_files(storage, fp)}
 
-        wait_for(reached, first, tmp_path / "first.log", moment)
-        if moment == "while_generating":
-            time.sleep(15)  # the engine is loading or generating
-        os.kill(first.pid, signal.SIGKILL)  # the driver dies
-        first.wait()
-    finally:
-        kill_session(first)
-    before = {p.name: p.read_bytes() for p in commits.iterdir()} if commits.exists() else {}
-    assert not (out / "_manifest.json").exists()
 
-    again = subprocess.run(command(shards, out), cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+def published(out: Path) -> list[tuple[str, int]]:
+    storage = Storage(str(out))
+    manifest = storage.read_json("_manifest.json")
+    return [(r["id"], r["sample_index"]) for rel in manifest["files"]["samples"] for r in storage.read_table(rel).to_pylist()]
+
+
+def rerun(shards: str, out: Path, *sets: str) -> dict:
+    again = subprocess.run(command(shards, out, *sets), cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
                            start_new_session=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.strip().splitlines()[-1] == str(out)
+    return Storage(str(out)).read_json("_manifest.json")
 
-    storage = Storage(str(out))
-    samples = pq.read_table(out / "samples").to_pylist()
-    keys = [(s["id"], s["sample_index"]) for s in samples]
+
+@pytest.mark.parametrize("moment", ["samples_in_flight", "after_a_commit"])
+def test_kill_9_of_the_driver_then_rerun_publishes_every_sample_exactly_once(tmp_path, moment):
+    shards, out = inputs(tmp_path)
+    log = tmp_path / "first.log"
+    # samples_in_flight: results reach the driver but commits wait (large group, long age)
+    hold = ["commit.max_prompts=1000", "commit.max_age_s=3600"] if moment == "samples_in_flight" else ["commit.max_prompts=1"]
+    first = subprocess.Popen(command(shards, out, *hold), cwd=REPO_ROOT, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+    try:
+        if moment == "samples_in_flight":
+            wait_for(lambda: "first samples after" in log.read_text(), first, log, "samples at the driver")
+        else:
+            wait_for(lambda: bool(committed_prompts(out)), first, log, "a commit")
+        os.kill(first.pid, signal.SIGKILL)  # the driver dies; its Ray workers are orphaned, not killed
+        first.wait()
+        before = {rel: Storage(str(out)).read_bytes(rel) for rel in committed_prompts(out)}
+        assert not (out / "_manifest.json").exists()
+        if moment == "samples_in_flight":
+            assert before == {}  # work was in flight, none of it committed
+        # the rerun starts while the first run's orphaned workers may still be alive: only a driver
+        # holding the lease commits, so they cannot add anything
+        manifest = rerun(shards, out)
+    finally:
+        kill_session(first)
+    keys = published(out)
     expected = {(f"q{i}-{j}", k) for i in range(SHARDS) for j in range(2) for k in range(2)}
     assert len(keys) == len(set(keys)) and set(keys) == expected
-    manifest = storage.read_json("_manifest.json")
     assert manifest["stats"]["samples"] == 4 * SHARDS
-    # shards committed before the kill were not redone (their records are untouched) ...
-    assert {name: (commits / name).read_bytes() for name in before} == before
-    # ... the rest were committed by the rerun, and no stray attempt parts remain
-    kept = {c.attempt for c in storage.commits().values()}
-    assert {p.rsplit("/", 1)[-1] for p in storage.list("_pipeline/attempts")} <= kept
-    print(f"committed before the kill: {len(before)}/{SHARDS}; attempts kept: {len(kept)}")
+    storage = Storage(str(out))
+    # commits made before the kill were kept byte for byte, and their prompts not generated again
+    assert all(storage.read_bytes(rel) == data for rel, data in before.items())
+    done_before = sum(len(set(pq.read_table(out / rel, columns=["id"]).column("id").to_pylist())) for rel in before)
+    assert manifest["run"]["prompts_already_committed"] == done_before
+    assert manifest["run"]["prompts_to_generate"] == 2 * SHARDS - done_before
+    print(f"{moment}: prompts committed before the kill: {done_before}/{2 * SHARDS}")
+
+
+def test_a_run_killed_at_80_percent_resumes_with_at_most_30_percent_of_the_work(tmp_path):
+    shards, out = inputs(tmp_path, shards=1, per_shard=10)  # one shard: finer than shard-level commits
+    log = tmp_path / "first.log"
+    first = subprocess.Popen(command(shards, out, "commit.max_prompts=1"), cwd=REPO_ROOT, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+    try:
+        wait_for(lambda: sum(committed_prompts(out).values()) >= 8, first, log, "80% of the prompts committed")
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    finally:
+        kill_session(first)
+    done = sum(committed_prompts(out).values())
+    assert 8 <= done < 10 and not (out / "_manifest.json").exists(), done
+    manifest = rerun(shards, out)
+    # what the rerun generated, counted from the samples its own commits hold
+    storage = Storage(str(out))
+    fp = manifest["fingerprint"]["generation"]
+    rerun_samples = 0
+    for rel in commit_files(storage, fp):
+        meta = json.loads(storage.read_metadata(rel)[b"pipeline.commit"])
+        if meta["attempt"] == manifest["run_id"]:
+            rerun_samples += meta["rows"]
+    assert manifest["run"]["prompts_to_generate"] == 10 - done
+    assert 0 < rerun_samples <= 0.3 * 10 * 2, rerun_samples
+    keys = published(out)
+    assert sorted(keys) == sorted((f"q0-{j}", k) for j in range(10) for k in range(2))
+    assert storage.list(commit_dir(fp))
 
 
 def test_an_engine_actor_killed_mid_run_is_restarted_and_the_run_completes(tmp_path):
-    shards, out, commits = inputs(tmp_path)
-    run = subprocess.Popen(command(shards, out), cwd=REPO_ROOT, start_new_session=True,
-                           stdout=subprocess.PIPE, stderr=open(tmp_path / "run.log", "wb"), text=True)
+    shards, out = inputs(tmp_path)
+    log = tmp_path / "run.log"
+    run = subprocess.Popen(command(shards, out, "commit.max_prompts=1000", "commit.max_age_s=3600"), cwd=REPO_ROOT,
+                           start_new_session=True, stdout=subprocess.PIPE, stderr=open(log, "wb"), text=True)
     try:
-        wait_for(lambda: bool(engine_actors(run)), run, tmp_path / "run.log", "an engine actor")
-        time.sleep(20)  # the engine is loading or holding a batch
-        engines = engine_actors(run)
-        assert engines and run.poll() is None and not (commits.exists() and any(commits.iterdir()))
+        wait_for(lambda: "first samples after" in log.read_text(), run, log, "samples from the engine")
+        found = subprocess.run(["pgrep", "-s", str(run.pid), "-f", r"MapBatches\(EngineStage\)"],
+                               capture_output=True, text=True)
+        engines = [int(pid) for pid in found.stdout.split()]
+        assert engines and run.poll() is None and not committed_prompts(out)
         for pid in engines:
-            os.kill(pid, signal.SIGKILL)  # the engine dies mid-run
+            os.kill(pid, signal.SIGKILL)  # the engine dies with batches in flight
         stdout, _ = run.communicate(timeout=900)
     finally:
         kill_session(run)
-    assert run.returncode == 0, (tmp_path / "run.log").read_text()[-3000:]
+    assert run.returncode == 0, log.read_text()[-3000:]
     assert stdout.strip().splitlines()[-1] == str(out)
-    keys = [(s["id"], s["sample_index"]) for s in pq.read_table(out / "samples").to_pylist()]
+    keys = published(out)
     assert len(keys) == len(set(keys)) == 4 * SHARDS

@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pytest
 
-from pipeline.storage import Commit, Storage
+from pipeline.storage import Storage
 
 pytestmark = pytest.mark.slow
 SLOW_DOWN = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>'
@@ -73,10 +73,11 @@ def test_transient_errors_are_retried_and_commits_stay_exactly_once(s3, bucket, 
         for i in range(4):
             storage.write_table(f"samples/part-{i}.parquet", t)
         assert [storage.read_table(f"samples/part-{i}.parquet").num_rows for i in range(4)] == [1000] * 4
-        won = [storage.commit(Commit(f"shard-{i}", "attempt-a", [f"p{i}"], 1, 0, "src")) for i in range(6)]
-        lost = [storage.commit(Commit(f"shard-{i}", "attempt-b", [f"q{i}"], 1, 0, "src")) for i in range(6)]
+        commit = "_pipeline/commits/fp/group-{}.parquet"
+        won = [storage.create_exclusive(commit.format(i), b"attempt-a") for i in range(6)]
+        lost = [storage.create_exclusive(commit.format(i), b"attempt-b") for i in range(6)]
         assert won == [True] * 6 and lost == [False] * 6
-        assert {c.attempt for c in storage.commits().values()} == {"attempt-a"}
+        assert {storage.read_bytes(commit.format(i)) for i in range(6)} == {b"attempt-a"}
         assert faults["503"] > 3 and faults["dropped"] > 3, faults
     finally:
         server.shutdown()

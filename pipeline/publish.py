@@ -15,7 +15,7 @@ import posixpath
 import time
 import uuid
 from collections import Counter, defaultdict
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -158,11 +158,21 @@ def latest_version(storage: Storage) -> dict[str, Any] | None:
 def publish(fenced: Fenced, fp: str, manifest: dict[str, Any], settings: dict[str, Any], started: float,
             selection: SelectSpec | None = None, rows_per_file: int = 100_000) -> dict[str, Any]:
     """Publish the commits of generation fingerprint `fp` as a new version (or leave the current
-    one when nothing changed); returns its manifest. Rejection sampling runs here, per commit,
-    because a commit holds every sample of its prompts."""
+    one when nothing changed); returns its manifest."""
+    storage = fenced.storage
+    inputs = digest({"fp": fp, "commits": commit_files(storage, fp), "settings": settings})
+    return publish_version(fenced, inputs, lambda: committed_prompts(storage, fp), manifest, started,
+                           selection, rows_per_file)
+
+
+def publish_version(fenced: Fenced, inputs: str, groups: Callable[[], Iterable[pa.Table]], manifest: dict[str, Any],
+                    started: float, selection: SelectSpec | None = None, rows_per_file: int = 100_000) -> dict[str, Any]:
+    """Publish the sample tables `groups()` yields as a new version, unless the newest version
+    was made from the same `inputs` (a digest of everything that decides its content).
+
+    Each table holds every sample of its prompts: rejection sampling (`selection`) runs per table."""
     storage = fenced.storage
     t0 = time.time()
-    inputs = digest({"fp": fp, "commits": commit_files(storage, fp), "settings": settings})
     latest = latest_version(storage)
     if latest is not None and latest["inputs"] == inputs:
         _point(fenced, latest["manifest"])  # repairs pointers a crash left behind; else writes nothing
@@ -174,7 +184,7 @@ def publish(fenced: Fenced, fp: str, manifest: dict[str, Any], settings: dict[st
     fenced.write_json(intent, {"version": version, "epoch": fenced.lease.epoch, "folders": where})
     stats = Stats()
     sample_files = []
-    for i, table in enumerate(committed_prompts(storage, fp)):
+    for i, table in enumerate(groups()):
         table = select(table, selection or SelectSpec())
         rel = f"{where['samples']}/samples-{i:05d}.parquet"
         fenced.write_table(rel, table)

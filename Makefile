@@ -53,5 +53,10 @@ calibrate:
 s3:
 	$(PY) -m pipeline.devs3 --dir $(S3_DIR) --port $(S3_PORT)
 
+# make mix MIX=mixes/r1-style.yaml [OUTPUT=s3://bucket/datasets/r1-style]: one dataset from several published ones
+.PHONY: mix
+mix:
+	$(PY) -m pipeline mix '$(MIX)' $(if $(OUTPUT),--output '$(OUTPUT)')
+
 clean:
 	rm -rf out .pytest_cache

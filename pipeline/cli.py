@@ -165,3 +165,24 @@ def submit(
         return
     typer.echo(f"submission id {submission_id} (a retry of this command is refused by Ray)", err=True)
     raise typer.Exit(subprocess.call(cmd))
+
+
+@app.command()
+def mix(
+    mix_file: Path = typer.Argument(..., metavar="MIX.yaml", help="Mix spec (YAML), e.g. mixes/r1-style.yaml."),
+    output: Optional[str] = typer.Option(None, help="Output folder or s3:// URI (overrides the file's `output`)."),
+) -> None:
+    """Assemble one dataset from several published ones (weights, filters, cross-source dedup and
+    decontamination); prints the dataset URI last."""
+    from pipeline.mix import MixError
+    from pipeline.mix import mix as run_mix
+    from pipeline.mixconfig import load_mix
+
+    try:
+        uri = run_mix(load_mix(mix_file, output))
+    except (LeaseLost, MixError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    except (ConfigError, OSError, LeaseHeld, NotOwned) as e:
+        _fail(e)
+    typer.echo(uri)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -69,6 +69,11 @@ class RenderSpec(Strict):
     instructions: dict[str, str] = Field(default_factory=lambda: {"math": R1_MATH_INSTRUCTION})
     think_prefill: bool | None = Field(None, description="Start the assistant turn with '<think>\\n'; defaults to model.reasoning.")
     chat_template: str | None = Field(None, description="Jinja template overriding the tokenizer's own.")
+    max_reasoning_words: int | None = Field(
+        None, ge=0,
+        description="R1's non-reasoning data: a sample keeps the model's reasoning only when it has 1..this many "
+        "words, else only the answer after </think> (0: never; trivial queries get no chain of thought). "
+        "None keeps every reasoning.")
 
 
 class UnitSpec(Strict):
@@ -214,16 +219,18 @@ class ConfigError(ValueError):
 def _resolve_relative(cfg: JobConfig, base: Path) -> JobConfig:
     """Relative local paths become absolute (Ray workers run elsewhere), relative to the CWD."""
 
-    def fix(p: str) -> str:
-        if "://" in p or os.path.isabs(p):
-            return p
-        return str(base / p)
-
-    cfg.shards = [fix(s) for s in cfg.shards]
-    cfg.output = fix(cfg.output)
+    cfg.shards = [absolute(s, base) for s in cfg.shards]
+    cfg.output = absolute(cfg.output, base)
     if cfg.model.path.startswith((".", "/")) or (base / cfg.model.path).exists():
-        cfg.model.path = fix(cfg.model.path)
+        cfg.model.path = absolute(cfg.model.path, base)
     return cfg
+
+
+def absolute(p: str, base: Path) -> str:
+    """A local path relative to `base` made absolute; URIs and absolute paths unchanged."""
+    if "://" in p or os.path.isabs(p):
+        return p
+    return str(base / p)
 
 
 def split_pairs(items: list[str]) -> dict[str, str]:
@@ -255,22 +262,31 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
 
 def load_job(path: str | os.PathLike[str] | None = None, sets: dict[str, Any] | None = None, **overrides: Any) -> JobConfig:
     """Read a job YAML (or the defaults), apply overrides (top-level keys, then dotted `sets`), validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"job file not found: {path}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a job file is a YAML mapping")
+    raw = read_mapping(path, "job") if path is not None else {}
     raw.update({k: v for k, v in overrides.items() if v is not None})
     for dotted, value in (sets or {}).items():
         _set_dotted(raw, dotted, value)
+    return _resolve_relative(validated(JobConfig, raw, str(path or "job")), Path.cwd())
+
+
+def read_mapping(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (a job or a mix file)."""
     try:
-        cfg = JobConfig.model_validate(raw)
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file not found: {path}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a {what} file is a YAML mapping")
+    return raw
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validated(model: type[M], raw: dict[str, Any], where: str) -> M:
+    """The typed model of `raw`; every problem named by its dotted key on one ConfigError line."""
+    try:
+        return model.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
-        )
-        raise ConfigError(f"{path or 'job'}: {problems}") from None
-    return _resolve_relative(cfg, Path.cwd())
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"{where}: {problems}") from None

@@ -365,6 +365,39 @@ def test_shipped_mixes_and_jobs_validate_and_r1_style_keeps_r1s_proportions():
     assert set(general.verify.domains) == {"general"} and "general" in general.judge.domains
 
 
+def test_the_cli_mixes_and_refuses_a_bad_mix_file_in_one_line(tmp_path, two_sources):
+    a, b, bench = two_sources
+    spec = r1_mix(tmp_path, a, b, bench).model_dump(mode="json")
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text(yaml.safe_dump({**spec, "output": "ignored"}))
+    bad.write_text(yaml.safe_dump({**spec, "totl": 3}))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    run = lambda f, *args: subprocess.run([sys.executable, "-m", "pipeline", "mix", str(f), *args], cwd=REPO_ROOT,  # noqa: E731
+                                          env=env, capture_output=True, text=True, timeout=300)
+    done = run(good, "--output", str(tmp_path / "cli"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == str(tmp_path / "cli") and len(data_rows(str(tmp_path / "cli"))) == 20
+    refused = run(bad)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        f"error: {bad}: totl: Extra inputs are not permitted"]
+
+
+@pytest.mark.slow
+def test_sources_and_output_on_s3(tmp_path, two_sources, bucket):
+    import fsspec
+
+    a, b, bench = two_sources
+    fs = fsspec.filesystem("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    for local, name in ((a, "a"), (b, "b")):
+        fs.put(local, f"{bucket}/datasets/{name}", recursive=True)
+    local = mix(r1_mix(tmp_path, a, b, bench))
+    remote = mix(r1_mix(tmp_path, f"s3://{bucket}/datasets/a", f"s3://{bucket}/datasets/b", bench).model_copy(
+        update={"output": f"s3://{bucket}/mixes/r1"}))
+    assert remote == f"s3://{bucket}/mixes/r1"
+    assert data_digests(remote) == data_digests(local)
+    assert [s["selected"] for s in manifest(remote)["sources"]] == [12, 8]
+
+
 @pytest.mark.parametrize("most,completion,reasoning", [
     (None, "<think>\nlet me see, hello back\n</think>\n\nHello!", "let me see, hello back"),
     (0, "<think>\nlet me see, hello back\n</think>\n\nHello!", None),

@@ -6,10 +6,11 @@ exactly and 5k nearly; 100 reasoning prompts hold a benchmark problem. About 70%
 are accepted. The mix takes 3:1 (cap 3 per reasoning prompt) with cross-source dedup and
 decontamination, on Ray Data with two actors.
 
-A sampler reads the private memory (USS) of the driver and of every Ray worker every second,
-with how many rows each pass has handled. Flat, per pass: the driver's peak over the second half
-of the rows is at most 10% (+32 MB) above its peak over the first half, after the first 10%.
-The selection state the driver keeps (`Plan.state_bytes`) is reported per sample.
+memory_soak's sampler reads the private memory (USS) of the driver and of every Ray worker
+every 2 s, with how many rows each pass has handled (the mix's actors count as `ray::other`).
+Flat, per pass: the driver's peak over the second half of the rows is at most 10% (+32 MB) above
+its peak over the first half, after the first 10%. The selection state the driver keeps
+(`Plan.state_bytes`) is reported per sample. Usage: `bench/mix_memory.py [SCALE [ACTORS]]`.
 """
 
 from __future__ import annotations
@@ -18,12 +19,10 @@ import json
 import random
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import psutil
 import pyarrow as pa
 
 from pipeline import mix as mixmod
@@ -32,7 +31,9 @@ from pipeline.mixconfig import MixConfig
 from pipeline.publish import publish_version
 from pipeline.storage import Fenced, Lease, Storage
 
-MB = 1024 * 1024
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory_soak import Sampler  # noqa: E402
+
 WORDS = ("the sum of both sides gives a value that we check against the constraint so the next step "
          "follows from the previous one and we verify each case before writing the final answer").split()
 
@@ -84,41 +85,12 @@ def publish_source(path: Path, prefix: str, prompts: list[str], n: int, domain: 
     return str(path)
 
 
-def role(p: psutil.Process) -> str:
-    line = " ".join(p.cmdline()[:2]) or p.name()
-    if p.pid == psutil.Process().pid:
-        return "driver"
-    if "MapWorker" in line or "Scan" in line or "Pick" in line:
-        return "mix actors"
-    return "ray::other" if line.startswith("ray::") else "ray system"
-
-
-class Sampler(threading.Thread):
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.phase, self.rows = "setup", 0
-        self.samples: list[tuple[str, int, dict[str, float]]] = []
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        me = psutil.Process()
-        while not self.stop.is_set():
-            usage: dict[str, float] = {}
-            for p in [me, *me.children(recursive=True)]:
-                try:
-                    r = role(p)
-                    usage[r] = max(usage.get(r, 0.0), p.memory_full_info().uss / MB)
-                except (psutil.Error, OSError):
-                    pass
-            self.samples.append((self.phase, self.rows, usage))
-            self.stop.wait(1.0)
-
-
-def flat(samples: list[tuple[str, int, dict[str, float]]], phase: str, total: int, who: str) -> dict[str, Any]:
+def flat(samples: list[tuple[int, dict[str, float]]], total: int, who: str) -> dict[str, Any]:
+    """Peak USS by quarter of the rows a pass handled, after its first 10%; flat as in memory_soak."""
     quarters = []
     for q in range(4):
         lo, hi = total * max(q / 4, 0.1), total * (q + 1) / 4
-        vals = [u[who] for p, done, u in samples if p == phase and lo <= done <= hi and who in u]
+        vals = [u[who] for done, u in samples if lo <= done <= hi and who in u]
         quarters.append(round(max(vals), 1) if vals else None)
     first = max((v for v in quarters[:2] if v is not None), default=None)
     last = max((v for v in quarters[2:] if v is not None), default=None)
@@ -133,7 +105,8 @@ def main(scale: float = 1.0, actors: int = 2) -> dict[str, Any]:
     general = [f"Question {i}: " + " ".join(rng.choices(WORDS, k=10)) for i in range(k(200_000))]
     general[:k(10_000)] = reasoning[:k(10_000)]  # exact copies across sources
     general[k(10_000):k(15_000)] = [p.upper() + "?!" for p in reasoning[k(10_000):k(15_000)]]  # near copies
-    bench_problems = [f"Benchmark item {i} asks whether the ratio of the two areas is rational or not" for i in range(100)]
+    bench_problems = [f"Benchmark item {i} asks whether the ratio of the two areas is rational or not"
+                      for i in range(100)]
     for i, b in enumerate(bench_problems):
         reasoning[k(20_000) + i] = f"{reasoning[k(20_000) + i]} {b}"
     with tempfile.TemporaryDirectory(prefix="bench-mix-") as tmp:
@@ -148,21 +121,23 @@ def main(scale: float = 1.0, actors: int = 2) -> dict[str, Any]:
             "resources": {"actors": actors, "actor_cpus": 0.5},
             "sources": [{"name": "reasoning", "dataset": a, "weight": 3, "max_per_prompt": 3},
                         {"name": "general", "dataset": b, "weight": 1}]})
-        sampler = Sampler()
+        sampler = Sampler()  # memory_soak's: USS of the driver and its Ray workers, with a row counter
+        began: dict[str, int] = {}  # phase -> index of its first memory sample
         add, counted = mixmod.Plan.add, mixmod._counted
         state: dict[str, int] = {}
 
         def scanned(plan: mixmod.Plan, block: pa.Table) -> None:
             add(plan, block)
-            sampler.phase, sampler.rows = "scan", sampler.rows + block.num_rows
+            began.setdefault("scan", len(sampler.samples))
+            sampler.written += block.num_rows
             state["bytes"] = plan.state_bytes()
 
         def picked(blocks: Any, selected: Any) -> Iterator[pa.Table]:
-            sampler.phase, sampler.rows = "pick", 0
+            began["pick"], sampler.written = len(sampler.samples), 0
             for t in counted(blocks, selected):
-                sampler.rows += t.num_rows
+                sampler.written += t.num_rows
                 yield t
-            sampler.phase = "publish"  # data files, plots: publish_version's own work, reported apart
+            began["publish"] = len(sampler.samples)  # data files, plots: publish_version's own work
 
         mixmod.Plan.add = scanned  # type: ignore[method-assign]  # the counters: benchmark only
         mixmod._counted = picked  # type: ignore[assignment]
@@ -173,22 +148,24 @@ def main(scale: float = 1.0, actors: int = 2) -> dict[str, Any]:
         sampler.stop.set()
         sampler.join()
         manifest = Storage(uri).read_json("_manifest.json")
+    bounds = sorted((i, ph) for ph, i in began.items()) + [(len(sampler.samples), "end")]
+    phases = {ph: sampler.samples[i:j] for (i, ph), (j, _) in zip(bounds, bounds[1:])}
     read = sum(s["samples_read"] for s in manifest["sources"])
     eligible = sum(s["samples_read"] - sum(v for k, v in s["removed"].items()
                                            if k in mixmod.SAMPLE_STEPS) for s in manifest["sources"])
     selected = manifest["stats"]["samples"]
-    roles = sorted({r for _, _, u in sampler.samples for r in u})
     return {
         "samples_read": read, "samples_selected": selected, "build_sources_s": round(build_s, 1),
         "mix_wall_s": round(wall, 1), "samples_read_per_s": round(read / wall),
         "timings": manifest["timings"],
         "selection_state_bytes": state.get("bytes"), "eligible_samples": eligible,
         "selection_state_bytes_per_eligible_sample": round(state.get("bytes", 0) / max(eligible, 1), 1),
-        "driver": {"scan": flat(sampler.samples, "scan", read, "driver"),
-                   "pick": flat(sampler.samples, "pick", selected, "driver"),
-                   "peak_mb_by_phase": {ph: round(max((u.get("driver", 0) for p, _, u in sampler.samples if p == ph),
-                                                      default=0), 1) for ph in ("setup", "scan", "pick", "publish")}},
-        "peak_mb_by_role": {r: round(max(u.get(r, 0) for _, _, u in sampler.samples), 1) for r in roles},
+        "driver": {"scan": flat(phases.get("scan", []), read, "driver"),
+                   "pick": flat(phases.get("pick", []), selected, "driver"),
+                   "peak_mb_by_phase": {ph: round(max((u.get("driver", 0) for _, u in phases.get(ph, [])),
+                                                      default=0), 1) for ph in ("scan", "pick", "publish")}},
+        "peak_mb_by_role": {r: round(max(u.get(r, 0) for _, u in sampler.samples), 1)
+                            for r in sorted({r for _, u in sampler.samples for r in u})},
         "sources": [{k: s[k] for k in ("name", "samples_read", "removed", "requested", "selected")}
                     for s in manifest["sources"]],
     }

@@ -82,10 +82,11 @@ def render_card(manifest: dict[str, Any]) -> str:
 def _mix_summary(manifest: dict[str, Any]) -> list[str]:
     """What went into a mix (`pipeline mix`): each source's provenance and the samples it gave."""
     job = manifest.get("job", {})
+    benchmarks = ", ".join(f"`{posixpath.basename(p)}`" for p in job.get("decontaminate", [])) or "nothing"
     lines = [
-        f"Mixed by `pipeline mix` from {len(manifest['sources'])} published datasets (run `{manifest.get('run_id', '?')}`, "
-        f"seed {job.get('seed')}, prompt dedup `{job.get('dedup')}`, "
-        f"decontaminated against {', '.join(f'`{posixpath.basename(p)}`' for p in job.get('decontaminate', [])) or 'nothing'}).",
+        f"Mixed by `pipeline mix` from {len(manifest['sources'])} published datasets "
+        f"(run `{manifest.get('run_id', '?')}`, seed {job.get('seed')}, prompt dedup `{job.get('dedup')}`, "
+        f"decontaminated against {benchmarks}).",
         "",
         f"- samples: {manifest['stats']['samples']}",
         "",
@@ -94,6 +95,7 @@ def _mix_summary(manifest: dict[str, Any]) -> list[str]:
     ]
     for s in manifest["sources"]:
         fp = s.get("fingerprint") or {}
-        lines.append(f"| {s['name']} | `{s['dataset']}` ({s.get('version')}) | `{s.get('run_id')}` | {s.get('model')} | "
-                     f"`{fp.get('generation') or fp.get('mix')}` | {s['selected']} | {s['prompts_selected']} |")
+        lines.append(f"| {s['name']} | `{s['dataset']}` ({s.get('version')}) | `{s.get('run_id')}` | "
+                     f"{s.get('model')} | `{fp.get('generation') or fp.get('mix')}` | {s['selected']} | "
+                     f"{s['prompts_selected']} |")
     return lines

@@ -99,8 +99,8 @@ def open_source(spec: SourceSpec) -> Source:
         records = (storage.read_json(rel) for rel in storage.list(VERSIONS) if posixpath.basename(rel)[:-5].isdigit())
         found = [r["manifest"] for r in records if r["manifest"]["version"] == spec.version]
         if not found:
-            raise ConfigError(f"source {spec.name}: version {spec.version} is not (or no longer) kept in {spec.dataset}; "
-                              f"its current version is {manifest.get('version')}")
+            raise ConfigError(f"source {spec.name}: version {spec.version} is not (or no longer) kept in "
+                              f"{spec.dataset}; its current version is {manifest.get('version')}")
         manifest = found[0]
     return Source(spec, storage, manifest)
 
@@ -238,9 +238,11 @@ def mark(chunk: pa.Table, source: int, file: int, row0: int, spec: SourceSpec, s
     accepted = chunk.column("accepted").fill_null(False).to_numpy(zero_copy_only=False)
     reasons = chunk.column("reject_reason").to_pylist()
     taken = set(f.reasons)
-    _fail(status, ~np.fromiter(((ACCEPTED if ok else r) in taken for ok, r in zip(accepted, reasons)), bool, n), OUTCOME)
+    outcome = ((ACCEPTED if ok else r) in taken for ok, r in zip(accepted, reasons))
+    _fail(status, ~np.fromiter(outcome, bool, n), OUTCOME)
     if f.domains is not None:
-        _fail(status, ~pc.is_in(chunk.column("domain"), pa.array(f.domains)).fill_null(False).to_numpy(zero_copy_only=False), DOMAIN)
+        domain = pc.is_in(chunk.column("domain"), pa.array(f.domains)).fill_null(False)
+        _fail(status, ~domain.to_numpy(zero_copy_only=False), DOMAIN)
     if not f.completion_tokens.open:
         _fail(status, ~_within(_floats(chunk.column("completion_tokens")), f.completion_tokens), TOKENS)
     if not f.pass_rate.open:
@@ -264,17 +266,28 @@ def _u64(text: str) -> int:
 
 # -- the two passes, as Ray Data UDFs over file tasks -------------------------------------------
 
-class Scan:
-    """Pass 1 over one file: per sample its step, key and ordinals; per eligible prompt its
-    digests (exact: the stripped text; near: `ngrams.normalize`, as `prepare`) and contamination."""
+class FilePass:
+    """A pass over the sources' samples files; as a Ray Data UDF, each input row is one file."""
 
-    def __init__(self, cfg: MixConfig, contamination: Contamination | None) -> None:
-        self.cfg, self.contamination = cfg, contamination
+    def __init__(self, cfg: MixConfig) -> None:
+        self.cfg = cfg
         self.reader = Reader([s.dataset for s in cfg.sources])
 
     def __call__(self, tasks: pa.Table) -> Iterator[pa.Table]:
         for task in tasks.to_pylist():
             yield from self.file(task["source"], task["file"], task["rel"])
+
+    def file(self, source: int, file: int, rel: str) -> Iterator[pa.Table]:
+        raise NotImplementedError
+
+
+class Scan(FilePass):
+    """Pass 1 over one file: per sample its step, key and ordinals; per eligible prompt its
+    digests (exact: the stripped text; near: `ngrams.normalize`, as `prepare`) and contamination."""
+
+    def __init__(self, cfg: MixConfig, contamination: Contamination | None) -> None:
+        super().__init__(cfg)
+        self.contamination = contamination
 
     def file(self, source: int, file: int, rel: str) -> Iterator[pa.Table]:
         spec, row0 = self.cfg.sources[source], 0
@@ -294,16 +307,12 @@ class Scan:
                             "near": near, "exact": exact, "contaminated": contaminated})
 
 
-class Pick:
+class Pick(FilePass):
     """Pass 2 over one file: the samples that go into the mix, in the output schema."""
 
     def __init__(self, cfg: MixConfig, removed: np.ndarray, thresholds: list[tuple[int, int] | None]) -> None:
-        self.cfg, self.removed, self.thresholds = cfg, removed, thresholds
-        self.reader = Reader([s.dataset for s in cfg.sources])
-
-    def __call__(self, tasks: pa.Table) -> Iterator[pa.Table]:
-        for task in tasks.to_pylist():
-            yield from self.file(task["source"], task["file"], task["rel"])
+        super().__init__(cfg)
+        self.removed, self.thresholds = removed, thresholds
 
     def file(self, source: int, file: int, rel: str) -> Iterator[pa.Table]:
         spec, row0, limit = self.cfg.sources[source], 0, self.thresholds[source]
@@ -313,9 +322,11 @@ class Pick:
             m = mark(chunk, source, file, row0, spec, self.cfg.seed)
             row0 += chunk.num_rows
             keep = (m.status == ELIGIBLE) & ~_member(m.prompt, self.removed)
-            keep &= (m.key < np.uint64(limit[0])) | ((m.key == np.uint64(limit[0])) & (m.ordinal <= np.uint64(limit[1])))
+            key, at = np.uint64(limit[0]), np.uint64(limit[1])
+            keep &= (m.key < key) | ((m.key == key) & (m.ordinal <= at))
             if keep.any():
-                yield output_rows(chunk.filter(pa.array(keep)), spec.name).append_column("_prompt", pa.array(m.prompt[keep]))
+                rows = output_rows(chunk.filter(pa.array(keep)), spec.name)
+                yield rows.append_column("_prompt", pa.array(m.prompt[keep]))
 
 
 def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
@@ -341,7 +352,7 @@ def output_rows(samples: pa.Table, source: str) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=OUTPUT)
 
 
-def stream(udf: type[Scan] | type[Pick], args: tuple[Any, ...], tasks: list[dict[str, Any]],
+def stream(udf: type[FilePass], args: tuple[Any, ...], tasks: list[dict[str, Any]],
            res: MixResources) -> Iterator[pa.Table]:
     """Run `udf` over the file tasks and yield its tables in task order: on Ray Data (an actor pool,
     order preserved), or in this process when `resources.actors` is 0."""

@@ -75,10 +75,10 @@ class SourceSpec(Strict):
     """One published dataset and what it gives to the mix."""
 
     name: str = Field(description="Names the source in the card, the report and each sample's `mix_source`.")
-    dataset: str = Field(description="A published dataset: its folder or s3:// prefix (the one holding _manifest.json).")
+    dataset: str = Field(description="A published dataset: the folder or s3:// prefix holding its _manifest.json.")
     version: str | None = Field(None, description="Pin a published version (default: the current one).")
     count: int | None = Field(None, ge=0, description="Exactly this many samples (all, if fewer qualify).")
-    weight: float | None = Field(None, gt=0, description="A share of `total` (or of the largest mix the weights allow).")
+    weight: float | None = Field(None, gt=0, description="A share of `total` (or of the largest mix weights allow).")
     max_per_prompt: int | None = Field(None, ge=1, description="At most this many samples of one prompt.")
     filter: SourceFilter = Field(default_factory=SourceFilter)
 
@@ -112,12 +112,13 @@ class MixConfig(Strict):
     output: str
     seed: int = Field(0, description="Seeds the selection: the same mix file gives the same dataset.")
     total: int | None = Field(None, ge=1, description="Size of the mix; weighted sources share what counts and "
-                                                       "take-all sources leave. Default: the largest the weights allow.")
+                                                       "take-all sources leave. Default: the largest weights allow.")
     sources: list[SourceSpec] = Field(min_length=1, max_length=255)
     dedup: Literal["near", "exact", "none"] = Field(
         "near", description="Remove prompts equal (exact) or equal up to case, accents, spacing and punctuation "
         "(near) to one already in the mix; the first source (mix order) keeps it.")
-    decontaminate: list[str] = Field(default_factory=list, description="Benchmark files (jsonl/json/csv/parquet) to keep out.")
+    decontaminate: list[str] = Field(default_factory=list,
+                                     description="Benchmark files (jsonl/json/csv/parquet) to keep out.")
     ngram: int = Field(8, ge=3, le=50, description="n-gram size for decontamination (open-r1 uses 8, OpenThoughts 13).")
     rows_per_data_file: int = Field(100_000, ge=1)
     lease_ttl_s: float = Field(600, ge=10)

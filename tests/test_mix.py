@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -372,8 +371,11 @@ def test_the_cli_mixes_and_refuses_a_bad_mix_file_in_one_line(tmp_path, two_sour
     good.write_text(yaml.safe_dump({**spec, "output": "ignored"}))
     bad.write_text(yaml.safe_dump({**spec, "totl": 3}))
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    run = lambda f, *args: subprocess.run([sys.executable, "-m", "pipeline", "mix", str(f), *args], cwd=REPO_ROOT,  # noqa: E731
-                                          env=env, capture_output=True, text=True, timeout=300)
+
+    def run(f: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pipeline", "mix", str(f), *args], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+
     done = run(good, "--output", str(tmp_path / "cli"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == str(tmp_path / "cli") and len(data_rows(str(tmp_path / "cli"))) == 20

@@ -6,9 +6,9 @@ exactly and 5k nearly; 100 reasoning prompts hold a benchmark problem. About 70%
 are accepted. The mix takes 3:1 (cap 3 per reasoning prompt) with cross-source dedup and
 decontamination, on Ray Data with two actors.
 
-memory_soak's sampler reads the private memory (USS) of the driver and of every Ray worker
-every 2 s, with how many rows each pass has handled (the mix's actors count as `ray::other`).
-Flat, per pass: the driver's peak over the second half of the rows is at most 10% (+32 MB) above
+The driver's private memory (USS) is read at every block a pass hands it; memory_soak's sampler
+reads every process's every 2 s for the peaks by role (the mix's actors count as `ray::other`)
+and the publish step. Flat, per pass: the driver's peak over the second half of the rows is at most 10% (+32 MB) above
 its peak over the first half, after the first 10%. The selection state the driver keeps
 (`Plan.state_bytes`) is reported per sample. Usage: `bench/mix_memory.py [SCALE [ACTORS]]`.
 """
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import psutil
 import pyarrow as pa
 
 from pipeline import mix as mixmod
@@ -32,7 +33,7 @@ from pipeline.publish import publish_version
 from pipeline.storage import Fenced, Lease, Storage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory_soak import Sampler  # noqa: E402
+from memory_soak import MB, Sampler  # noqa: E402
 
 WORDS = ("the sum of both sides gives a value that we check against the constraint so the next step "
          "follows from the previous one and we verify each case before writing the final answer").split()
@@ -121,21 +122,25 @@ def main(scale: float = 1.0, actors: int = 2) -> dict[str, Any]:
             "resources": {"actors": actors, "actor_cpus": 0.5},
             "sources": [{"name": "reasoning", "dataset": a, "weight": 3, "max_per_prompt": 3},
                         {"name": "general", "dataset": b, "weight": 1}]})
-        sampler = Sampler()  # memory_soak's: USS of the driver and its Ray workers, with a row counter
-        began: dict[str, int] = {}  # phase -> index of its first memory sample
+        sampler = Sampler()  # memory_soak's: USS of the driver and its Ray workers every 2 s
+        began: dict[str, int] = {}  # phase -> index of its first timed sample
+        driver: dict[str, list[tuple[int, dict[str, float]]]] = {"scan": [], "pick": []}  # at each block
         add, counted = mixmod.Plan.add, mixmod._counted
         state: dict[str, int] = {}
+        me = psutil.Process()
 
         def scanned(plan: mixmod.Plan, block: pa.Table) -> None:
             add(plan, block)
             began.setdefault("scan", len(sampler.samples))
             sampler.written += block.num_rows
+            driver["scan"].append((sampler.written, {"driver": me.memory_full_info().uss / MB}))
             state["bytes"] = plan.state_bytes()
 
         def picked(blocks: Any, selected: Any) -> Iterator[pa.Table]:
             began["pick"], sampler.written = len(sampler.samples), 0
             for t in counted(blocks, selected):
                 sampler.written += t.num_rows
+                driver["pick"].append((sampler.written, {"driver": me.memory_full_info().uss / MB}))
                 yield t
             began["publish"] = len(sampler.samples)  # data files, plots: publish_version's own work
 
@@ -160,8 +165,8 @@ def main(scale: float = 1.0, actors: int = 2) -> dict[str, Any]:
         "timings": manifest["timings"],
         "selection_state_bytes": state.get("bytes"), "eligible_samples": eligible,
         "selection_state_bytes_per_eligible_sample": round(state.get("bytes", 0) / max(eligible, 1), 1),
-        "driver": {"scan": flat(phases.get("scan", []), read, "driver"),
-                   "pick": flat(phases.get("pick", []), selected, "driver"),
+        "driver": {"scan": flat(driver["scan"], read, "driver"),
+                   "pick": flat(driver["pick"], selected, "driver"),
                    "peak_mb_by_phase": {ph: round(max((u.get("driver", 0) for _, u in phases.get(ph, [])),
                                                       default=0), 1) for ph in ("scan", "pick", "publish")}},
         "peak_mb_by_role": {r: round(max(u.get(r, 0) for _, u in sampler.samples), 1)

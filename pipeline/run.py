@@ -23,6 +23,7 @@ from pipeline import priority
 from pipeline.check import CheckStage
 from pipeline.commits import CommitWriter, committed_keys
 from pipeline.config import ConfigError, JobConfig
+from pipeline.cost import Ledger
 from pipeline.fingerprint import differences, digest, generation_doc, publish_doc
 from pipeline.generate import EngineStage, JudgeStage
 from pipeline.publish import publish
@@ -285,15 +286,23 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: F
             num_gpus=job.judge.engine.tensor_parallel_size if use_gpu else 0,
         )
     writer = CommitWriter(fenced, fp, attempt, job.n, plan.todo, job.commit.max_prompts, job.commit.max_age_s)
+    ledger = Ledger(fenced, attempt, fp, res.engine_actors, job.engine.tensor_parallel_size if use_gpu else 0)
     total = len(plan.todo) * job.n
     progress = Progress(total)
-    with tqdm(total=total, unit="sample", desc="samples", disable=None) as bar:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            if not progress.samples:
-                log.info("first samples after %.0fs", time.monotonic() - progress.t0)
-            bar.update(writer.add(batch))
-            progress.add(batch)
-    writer.flush()
+    try:
+        with tqdm(total=total, unit="sample", desc="samples", disable=None) as bar:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                if not progress.samples:
+                    log.info("first samples after %.0fs", time.monotonic() - progress.t0)
+                commits = len(writer.commits)
+                bar.update(writer.add(batch))
+                ledger.add(batch)
+                progress.add(batch)
+                if len(writer.commits) != commits:
+                    ledger.save()
+        writer.flush()
+    finally:
+        ledger.save()
     missing = writer.missing()
     if missing:
         raise RunIncomplete(f"{len(missing)} of {len(plan.todo)} prompts were not completed (e.g. id {missing[0][0]!r}); "

@@ -171,12 +171,12 @@ class Repetition:
 
     Real long traces (`make calibrate-traces`, 440 Sky-T1 math traces of 1.8k-166k characters,
     bench/results/real_traces_calibration.json): 153 end in a verbatim loop whose period runs
-    from 315 to 10,668 characters (median ~1,300; a quarter over 2,900), e.g. a whole paragraph
-    of "Alternatively, perhaps considering ..." re-stated every 2-6k characters. With the
-    2,000-character window alone, 132 of 153 (86%) were caught: the loops with long periods
+    from 315 to 10,668 characters (p50 1,385, p95 5,236), e.g. a whole paragraph of
+    "Alternatively, perhaps considering ..." re-stated every 2-6k characters. With the
+    2,000-character window alone, 133 of 153 (87%) were caught: the loops with long periods
     compress to 0.29-0.47 in 2,000 characters. Adding a 6,000-character window catches 150 of 153
-    (98%); the 181 finished traces compress to >= 0.165 whole (p1 0.212), >= 0.226 over their
-    last 2,000 and >= 0.212 over their last 6,000 characters: 0 false rejects.
+    (98%); the 211 complete traces compress to >= 0.164 whole (p1 0.24), >= 0.217 over their
+    last 2,000 and >= 0.209 over their last 6,000 characters: 0 false rejects.
     Human text (`make calibrate`, 400 documents of 2-8k characters per language): English (CPython
     docs) whole p1 0.26 / p50 0.43, last 2,000 characters p1 0.15; Chinese (People's Daily) whole
     p1 0.44, tail p1 0.44. False rejects: 1% of the English documents, all ending in an ASCII-art

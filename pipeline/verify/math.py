@@ -96,9 +96,9 @@ def fast_compare(gold: str, pred: str) -> bool | None:
 
 def split_parts(ans: str) -> list[str]:
     """The top-level parts of a multi-part answer (outside braces, brackets and parentheses)."""
-    parts, depth, start = [], 0, 0
+    parts: list[str] = []
+    depth = start = i = 0
     s = ans.strip().strip("$")
-    i = 0
     while i < len(s):
         c = s[i]
         if c in "{([":
@@ -201,6 +201,8 @@ class MathVerifier:
         return None if pred.isdigit() and pred.lstrip("0") == digits.group(1).lstrip("0") else False
 
     def _math_verify(self, gold: str, pred: str) -> bool | None:
+        """Math-Verify's decision, with guards for its blind spots; None when it read only a piece
+        of an answer or none of the reference."""
         from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
         # Internal SIGALRM timeouts off: the caller's worker pool enforces a hard kill instead.

@@ -13,7 +13,7 @@ from pipeline.storage import Storage
 
 def preflight(*patterns):
     fs, shards = resolve([str(p) for p in patterns])
-    scan_prompts(fs, shards)
+    scan_prompts(fs, shards, {})
     return shards
 
 
@@ -66,7 +66,7 @@ def test_all_null_column_with_arrow_null_type_reads_as_strings(tmp_path):
 def test_duplicate_ids_across_shards(tmp_path):
     a = write_shard(tmp_path / "a.parquet", [{"id": "p1", "prompt": "x"}])
     b = write_shard(tmp_path / "b.parquet", [{"id": "p2", "prompt": "y"}, {"id": "p1", "prompt": "z"}])
-    with pytest.raises(InputError, match=r"b.parquet: row 1: duplicate id 'p1' \(also in .*a.parquet\)"):
+    with pytest.raises(InputError, match=r"b.parquet: row 1: id 'p1' is also used by a different prompt in .*a.parquet"):
         preflight(a, b)
 
 
@@ -137,8 +137,8 @@ def test_duplicate_and_contaminated_prompts_are_flagged_before_generation(tmp_pa
     b = write_shard(tmp_path / "b.parquet", [{"id": "3", "prompt": "what is 2 + 2"}, {"id": "4", "prompt": "What is 3+3?"}])
     fs, shards = resolve([str(a), str(b)])
     bench = Contamination(["Find all real x with x^2 - 5x + 6 = 0 and sum them."], n=8)
-    assert scan_prompts(fs, shards, True, bench) == {"2": "contaminated", "3": "duplicate"}
-    assert scan_prompts(fs, shards, False, None) == {}
+    assert scan_prompts(fs, shards, {}, True, bench).flagged == {"2": "contaminated", "3": "duplicate"}
+    assert scan_prompts(fs, shards, {}, False, None).flagged == {}
     renderer = Renderer(CharTokenizer(), load_job(None), {"3": "duplicate"})
     assert renderer({"id": "3", "prompt": "what is 2 + 2", "domain": "math"}).reject_reason == "duplicate"
 
@@ -156,8 +156,8 @@ def test_shards_stream_in_blocks_in_one_schema(tmp_path):
     fs, shards = resolve([str(tmp_path / "*.parquet")])
     schema = unified_schema(shards)
     local = fsspec.filesystem("file")
-    blocks = list(iter_shard(local, shards[0].path, schema, rows=2, with_path=True))
-    assert [b.num_rows for b in blocks] == [2, 2, 1]
-    assert all(b.schema.names == [*schema.names, "path"] for b in blocks)
-    assert blocks[0].column("tests").to_pylist() == [None, None]
-    assert set(blocks[0].column("path").to_pylist()) == {shards[0].path}
+    blocks = list(iter_shard(local, shards[0].path, schema, rows=2, skip=frozenset({"a1"})))
+    assert [b.num_rows for b in blocks] == [1, 2, 1]  # a1 skipped (already done)
+    assert all(b.schema.names == [*schema.names, "prompt_hash"] for b in blocks)
+    assert blocks[0].column("tests").to_pylist() == [None]
+    assert [len(h) for b in blocks for h in b.column("prompt_hash").to_pylist()] == [24] * 4

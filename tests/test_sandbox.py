@@ -22,7 +22,7 @@ import pytest
 
 from pipeline.config import REPO_ROOT
 from pipeline.verify.code import CodeVerifier
-from pipeline.verify.sandbox import CGROUP, RLIMITS, SANDBOX_UID, UID_COUNT, UID_FIRST, Limits, Run, Sandbox, Uids, probe
+from pipeline.verify.sandbox import CGROUP, RLIMITS, SANDBOX_UID, Limits, Run, Sandbox, Uids, probe, uid_range
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_runs_hold_their_own_uid_and_are_first_for_the_oom_killer(sandbox, host)
     assert uid != 0 and int(oom) == 1000
     assert "CapEff:\t0000000000000000" in status and "NoNewPrivs:\t1" in status and "Seccomp:\t2" in status
     if os.geteuid() == 0:
-        assert UID_FIRST <= uid < UID_FIRST + UID_COUNT
+        assert uid in uid_range(Path("/proc/self/uid_map").read_text())
     if sandbox.level == CGROUP:
         assert f"distill-sandbox/run-{uid}" in cgroup
     assert result[0].ok
@@ -119,24 +119,33 @@ def test_runs_hold_their_own_uid_and_are_first_for_the_oom_killer(sandbox, host)
 
 def test_uids_are_allocated_host_wide(tmp_path):
     """Two check actors (here two allocators and another process) never hold the same uid."""
+    first = uid_range(Path("/proc/self/uid_map").read_text())[0]
     a, b = Uids(tmp_path), Uids(tmp_path)
     ua, fa = a.acquire()
     ub, fb = b.acquire()
     assert ua != ub
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import fcntl, os, sys\nfd = os.open({str(tmp_path / f'{UID_FIRST + 2}.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+        [sys.executable, "-c", f"import fcntl, os, sys\nfd = os.open({str(tmp_path / f'{first + 2}.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
          "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\nsys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
     assert holder.stdout.readline() == "held\n"
     uc, fc = a.acquire()
-    assert uc not in (ua, ub, UID_FIRST + 2)
+    assert uc not in (ua, ub, first + 2)
     Uids.release(fa)
     assert b.acquire()[0] == ua  # freed: the lowest free uid again
     holder.stdin.close()
     holder.wait()
-    assert a.acquire()[0] == UID_FIRST + 2  # its holder died: the kernel dropped the lock
+    assert a.acquire()[0] == first + 2  # its holder died: the kernel dropped the lock
     for fd in (fb, fc):
         Uids.release(fd)
+
+
+def test_uid_range_fits_the_user_namespace():
+    """A host or a plain container maps every uid; a `hostUsers: false` pod only 0-65535, where
+    setuid to 200000 would fail: runs then take the top of what is mapped, below nobody (65534)."""
+    assert uid_range("         0          0 4294967295\n") == range(200_000, 265_536)
+    pod = uid_range("         0 1879048192      65536\n")
+    assert pod == range(61_438, 65_534) and 65_534 not in pod and 0 not in pod
 
 
 # --- processes, time and output ------------------------------------------------------------------
@@ -580,7 +589,7 @@ def test_check_stage_runs_code_samples_in_parallel():
     rows = [{"id": "p", "domain": "code", "final": f"```python\n{c}\n```", "tests": json.dumps(stdio)} for c in [slow_ok] * 4 + ["print(0)"]]
     rows.append({"id": "m", "domain": "math", "answer": "4", "final": "\\boxed{4}"})
     rows = [{**checker.parse({**r, "completion": r["final"], "finish_reason": "stop"}), "final": r["final"]} for r in rows]
-    checker(rows[-1:])  # start the math worker pool outside the timing
+    checker(rows[-2:])  # probe the sandbox and start the math worker pool outside the timing
     start = time.monotonic()
     verdicts = checker(rows)
     elapsed = time.monotonic() - start

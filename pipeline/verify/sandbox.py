@@ -6,7 +6,7 @@ docs/verification-code.md for the pod settings). One run is this chain of execs,
 well-kept tool:
 
     sh        host side: oom_score_adj 1000 (the OOM killer takes a sandboxed process before the
-              pipeline or vLLM), joins the run's cgroup (memory + pids caps for the whole run)
+              pipeline or vLLM), joins the run's memory cgroup (a cap for the whole run)
     setpriv   when the pipeline is root: drop to a uid allocated host-wide for this run
     unshare   a user + mount namespace of our own (uid 0 there, no privilege on the host) ...
     sh        ... where a tmpfs capped in bytes *and* inodes is mounted for the scratch dir
@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 
 CGROUP, RLIMITS, NONE = "bwrap+seccomp+cgroup", "bwrap+seccomp (rlimits)", "none"
 SANDBOX_UID = 1000  # the program's uid inside its user namespace
-UID_FIRST, UID_COUNT = 200_000, 65_536  # host uids for runs when the pipeline is root
 UID_LOCKS = Path("/run/distill-sandbox")
 STARTUP_S = 0.5  # allowed on top of the wall limit for building the sandbox and starting Python
 
@@ -79,11 +78,9 @@ sys.modules["__main__"] = main
 del os, resource, builtins, _sitebuiltins, f, copy, source, res, value
 exec(code, main.__dict__)
 """
-_OUTER = 'echo 1000 > /proc/self/oom_score_adj || exit 121; for f in $1; do echo $$ > "$f" || exit 121; done; shift; exec "$@"'
-_INNER = (
-    'mount -t tmpfs -o "size=$1,nr_inodes=$2,mode=0755,nosuid,nodev" sandbox-scratch /tmp || exit 121; '
-    'mkdir -m 1777 /tmp/tmp /tmp/shm || exit 121; shift 2; exec "$@"'
-)  # in our own mount namespace: the host's /tmp is untouched; bwrap binds /tmp/tmp and /tmp/shm
+_OUTER = 'echo 1000 > /proc/self/oom_score_adj || exit 121; if [ -n "$1" ]; then echo $$ > "$1" || exit 121; fi; shift; exec "$@"'
+_INNER = 'mount -t tmpfs -o "size=$1,nr_inodes=$2,mode=1777,nosuid,nodev" sandbox-scratch /tmp || exit 121; shift 2; exec "$@"'
+# ^ in the run's own mount namespace: the host's /tmp is untouched; bwrap shows it as /tmp and /dev/shm
 _ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
 
@@ -177,13 +174,18 @@ _LAYOUT = (
 )
 
 
+UNUSED_EXTENSIONS = frozenset({"nis", "readline", "_curses", "_curses_panel", "_dbm", "_gdbm", "_tkinter"})
+"""Stdlib extension modules whose libraries are not shown (a terminal, NIS, Berkeley DB, Tk mean
+nothing in a sandbox; `nis` alone pulls in nine Kerberos/RPC libraries): importing them fails."""
+
+
 def _bind_args(python: str) -> tuple[str, ...]:
     """bwrap arguments that show the interpreter, its stdlib (site-packages masked) and exactly the
     shared libraries the interpreter and its extension modules load (from `ldd`)."""
     out = subprocess.run([python, "-I", "-S", "-c", _LAYOUT], capture_output=True, text=True, timeout=30, check=True)
     stdlib, platstdlib, _ = json.loads(out.stdout)
     dirs = sorted({os.path.realpath(stdlib), os.path.realpath(platstdlib)})
-    extensions = [str(p) for d in dirs for p in Path(d, "lib-dynload").glob("*.so")]
+    extensions = [str(p) for d in dirs for p in Path(d, "lib-dynload").glob("*.so") if p.name.split(".")[0] not in UNUSED_EXTENSIONS]
     ldd = subprocess.run(["ldd", python, *extensions], capture_output=True, text=True, timeout=60)
     libs = set()
     for line in ldd.stdout.splitlines():
@@ -205,27 +207,36 @@ def _bind_args(python: str) -> tuple[str, ...]:
 # --- host-wide uids -------------------------------------------------------------------------------
 
 
+def uid_range(uid_map: str) -> range:
+    """The uids runs get when the pipeline is root: 200000 on, where this user namespace maps them
+    (a host, a plain container); else the top 4096 uids it maps below the overflow uid 65534 (a
+    `hostUsers: false` pod maps only 0-65535)."""
+    top = max(int(inside) + int(count) for inside, _, count in (line.split() for line in uid_map.splitlines()))
+    return range(200_000, 265_536) if top >= 265_536 else range(max(1000, min(top, 65_534) - 4096), min(top, 65_534))
+
+
 class Uids:
     """Host-wide uid allocation for root pipelines: uid n is taken while a process holds an
     exclusive flock on UID_LOCKS/n.lock, so two check actors on one host never share a uid (the
     kernel frees the lock if the holder dies). Lowest free uid first: few lock files."""
 
-    def __init__(self, directory: Path = UID_LOCKS) -> None:
+    def __init__(self, directory: Path = UID_LOCKS, uids: range | None = None) -> None:
         self.dir = directory
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.uids = uids or uid_range(Path("/proc/self/uid_map").read_text())
         self._lock = threading.Lock()
 
     def acquire(self) -> tuple[int, int]:
         """(uid, lock fd); release with `release(fd)`."""
         with self._lock:  # flock is per open file: threads of one process must not race for one uid
-            for uid in range(UID_FIRST, UID_FIRST + UID_COUNT):
+            for uid in self.uids:
                 fd = os.open(self.dir / f"{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     return uid, fd
                 except BlockingIOError:
                     os.close(fd)
-        raise SandboxUnavailable(f"all {UID_COUNT} sandbox uids are in use")
+        raise SandboxUnavailable(f"all {len(self.uids)} sandbox uids are in use")
 
     @staticmethod
     def release(fd: int) -> None:
@@ -237,49 +248,45 @@ class Uids:
 
 @dataclass(frozen=True)
 class Cgroups:
-    """Where per-run cgroups go: one cgroup v2 directory with memory and pids, or the v1 memory
-    and pids hierarchies (this machine's kind of host); `v2` tells which files to write."""
+    """Where per-run memory cgroups go: a cgroup v2 directory with the memory controller, or the v1
+    memory hierarchy (this machine's kind of host); `v2` tells which files to write. Processes need
+    no cgroup: RLIMIT_NPROC already counts per run, because every run has a user namespace of its
+    own (and joining a second v1 hierarchy would cost a second RCU grace period per run)."""
 
     v2: bool
-    memory: Path
-    pids: Path
+    base: Path
 
     def create(self, name: str, limits: Limits) -> "RunCgroup":
-        dirs = [self.memory / name] if self.v2 else [self.memory / name, self.pids / name]
-        for d in dirs:
-            if d.exists():
-                _remove_cgroup(d)  # left by a killed pipeline process that held the same uid
-            d.mkdir()
+        d = self.base / name
+        if d.exists():
+            _remove_cgroup(d)  # left by a killed pipeline process that held the same uid
+        d.mkdir()
         memory = str(limits.memory_mb * 1024 * 1024)
-        pids = str(limits.processes + 2)  # + bwrap's pid 1 and the launcher
         if self.v2:
-            _write(dirs[0] / "memory.max", memory)
-            _write(dirs[0] / "memory.swap.max", "0", optional=True)
-            _write(dirs[0] / "pids.max", pids)
+            _write(d / "memory.max", memory)
+            _write(d / "memory.swap.max", "0", optional=True)
         else:
-            _write(dirs[0] / "memory.limit_in_bytes", memory)
-            _write(dirs[0] / "memory.memsw.limit_in_bytes", memory, optional=True)  # no swap either
-            _write(dirs[1] / "pids.max", pids)
-        return RunCgroup(self.v2, tuple(dirs))
+            _write(d / "memory.limit_in_bytes", memory)
+            _write(d / "memory.memsw.limit_in_bytes", memory, optional=True)  # no swap either
+        return RunCgroup(self.v2, d)
 
 
 @dataclass(frozen=True)
 class RunCgroup:
     v2: bool
-    dirs: tuple[Path, ...]
+    dir: Path
 
     @property
     def procs(self) -> str:
-        return " ".join(str(d / "cgroup.procs") for d in self.dirs)
+        return str(self.dir / "cgroup.procs")
 
     def oom_kills(self) -> int:
         """Processes the kernel killed for the run's memory cap."""
-        text = (self.dirs[0] / ("memory.events" if self.v2 else "memory.oom_control")).read_text()
+        text = (self.dir / ("memory.events" if self.v2 else "memory.oom_control")).read_text()
         return next((int(line.split()[1]) for line in text.splitlines() if line.startswith("oom_kill ")), 0)
 
     def remove(self) -> None:
-        for d in self.dirs:
-            _remove_cgroup(d)
+        _remove_cgroup(self.dir)
 
 
 def _write(path: Path, value: str, optional: bool = False) -> None:
@@ -341,28 +348,28 @@ def _own_cgroup_dirs() -> tuple[dict[str, Path], Path | None, bool]:
 
 
 def _find_cgroups() -> tuple[Cgroups | None, str]:
-    """A place for per-run cgroups, or None and why not. Needs root (or a delegated, writable
-    hierarchy): v2 with memory and pids enabled for a `distill-sandbox` child of our cgroup's parent
-    (our own cgroup, if it is the root), else the v1 memory and pids hierarchies."""
+    """A place for per-run memory cgroups, or None and why not. Needs root (or a delegated,
+    writable hierarchy): v2 with memory enabled for a `distill-sandbox` child of our cgroup's parent
+    (of our own cgroup, if it is the root: a non-root cgroup with processes cannot have children
+    with controllers), else the v1 memory hierarchy below our own cgroup."""
     if os.geteuid() != 0:
         return None, "not root: per-run cgroups need a writable cgroup hierarchy"
     v1, v2, v2_root = _own_cgroup_dirs()
     try:
-        if v2 and {"memory", "pids"} <= set((v2 / "cgroup.controllers").read_text().split()):
-            parent = v2 if v2_root else v2.parent  # a non-root cgroup with processes cannot have children
-            _write(parent / "cgroup.subtree_control", "+memory +pids")
+        if v2 and "memory" in (v2 / "cgroup.controllers").read_text().split():
+            parent = v2 if v2_root else v2.parent
+            _write(parent / "cgroup.subtree_control", "+memory")
             base = parent / "distill-sandbox"
             base.mkdir(exist_ok=True)
-            _write(base / "cgroup.subtree_control", "+memory +pids")
-            return Cgroups(True, base, base), f"cgroup v2 {base}"
-        if "memory" in v1 and "pids" in v1:
-            mem, pids = v1["memory"] / "distill-sandbox", v1["pids"] / "distill-sandbox"
-            mem.mkdir(exist_ok=True)
-            pids.mkdir(exist_ok=True)
-            return Cgroups(False, mem, pids), f"cgroup v1 {mem}, {pids}"
+            _write(base / "cgroup.subtree_control", "+memory")
+            return Cgroups(True, base), f"cgroup v2 {base}"
+        if "memory" in v1:
+            base = v1["memory"] / "distill-sandbox"
+            base.mkdir(exist_ok=True)
+            return Cgroups(False, base), f"cgroup v1 {base}"
     except OSError as e:
         return None, f"cannot create cgroups: {e}"
-    return None, "no cgroup hierarchy with the memory and pids controllers"
+    return None, "no cgroup hierarchy with the memory controller"
 
 
 # --- the probe --------------------------------------------------------------------------------
@@ -534,7 +541,7 @@ class Sandbox:
                 "--setenv", "LANG", "C.UTF-8", "--setenv", "HOME", "/tmp", "--setenv", "PATH", "/usr/bin:/bin",
                 "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "sandbox",
                 *p.binds, "--proc", "/proc", "--dev", "/dev",
-                "--bind", "/tmp/tmp", "/tmp", "--bind", "/tmp/shm", "/dev/shm",
+                "--bind", "/tmp", "/tmp", "--bind", "/tmp", "/dev/shm",
                 "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp",
                 "--disable-userns", "--seccomp", str(seccomp), "--",
                 p.python, "-I", "-S", "-B", f"/dev/fd/{boot}",

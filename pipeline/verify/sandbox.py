@@ -318,7 +318,7 @@ def _remove_cgroup(d: Path) -> None:
         except OSError as e:
             if e.errno != errno.EBUSY or time.monotonic() > deadline:
                 raise
-        time.sleep(0.005)  # killed tasks take a moment to leave
+        time.sleep(0.001)  # killed tasks take a moment to leave
 
 
 def _own_cgroup_dirs() -> tuple[dict[str, Path], Path | None, bool]:

@@ -255,17 +255,18 @@ class CodeVerifier:
         output = {"stdout": _excerpt(prog.stdout, 400)} if prog.stdout.strip() else {}
         if record is not None and record.get("passed") is True:
             return Verdict.accept(wall_s=round(harness.wall_s, 3))
+        # the program's own limits first: the harness only sees them as the program vanishing
         if prog.memory_exceeded:
             return Verdict.reject("runtime_error", error="memory limit (the run's processes together)")
+        if prog.timed_out or harness.timed_out:
+            return Verdict.reject("tests_timeout", wall_s=round(harness.wall_s, 3))
+        if prog.output_exceeded:
+            return Verdict.reject("runtime_error", error="output limit exceeded")
         if record is not None and record.get("reason") in RECORD_REASONS:
             details = record.get("details") if isinstance(record.get("details"), dict) else {}
             if record["reason"] == "early_exit" and prog.returncode >= 0:  # it ended by itself (not killed here)
                 details = {**details, "exit": prog.returncode, "stderr": _excerpt(prog.stderr, 400), **output}
             return Verdict.reject(record["reason"], **details)
-        if prog.timed_out or harness.timed_out:
-            return Verdict.reject("tests_timeout", wall_s=round(harness.wall_s, 3))
-        if prog.output_exceeded:
-            return Verdict.reject("runtime_error", error="output limit exceeded")
         return Verdict.reject("verifier_error", error="the test harness ended without a record", exit=harness.returncode,
                               stderr=_excerpt(harness.stderr, 400))  # fmt: skip
 

@@ -101,7 +101,8 @@ class Limits:
 
 @dataclass(frozen=True)
 class Result:
-    """How a run ended. `returncode` is bwrap's: the program's exit code, or 128 + a signal."""
+    """How a run ended. `returncode` is bwrap's: the program's exit code, or 128 + a signal that
+    killed it; negative when the host killed the run (deadline, output cap, its group ended)."""
 
     returncode: int
     stdout: bytes
@@ -450,8 +451,8 @@ class _Box:
 class Sandbox:
     """Thread-safe runner; every run gets its own namespaces, uid (root pipelines) and cgroup."""
 
-    def __init__(self, level: Probe | None = None, python: str | None = None) -> None:
-        self._probe = level
+    def __init__(self, probed: Probe | None = None, python: str | None = None) -> None:
+        self._probe = probed  # None: probe this host at first use
         self._python = python
         self._uids: Uids | None = None
 
@@ -492,13 +493,13 @@ class Sandbox:
     def _run_group(self, runs: list[Run], limits: Limits, primary: int | None = None) -> list[Result]:
         boxes: list[_Box] = []
         try:
-            for run in runs:
-                boxes.append(self._start(run, limits))
-        finally:
-            for run in runs:
-                for fd in run.fds:
-                    os.close(fd)  # only the sandboxes hold them now: a side that dies shows as EOF
-        try:
+            try:
+                for run in runs:
+                    boxes.append(self._start(run, limits))
+            finally:
+                for run in runs:
+                    for fd in run.fds:
+                        os.close(fd)  # only the sandboxes hold them now: a side that dies shows as EOF
             start = time.monotonic()
             feeders = [threading.Thread(target=_feed, args=(b.proc.stdin, r.stdin), daemon=True) for b, r in zip(boxes, runs)]
             for t in feeders:
@@ -506,8 +507,8 @@ class Sandbox:
             deadline = start + limits.wall_s + STARTUP_S
             timed_out = _collect(boxes, deadline, limits.output_bytes, None if primary is None else boxes[primary])
             wall = time.monotonic() - start
-            for b in boxes:
-                _kill(b.proc)
+            for b in reversed(boxes) if primary is None else [boxes[primary], *boxes]:
+                _kill(b.proc)  # the primary first: it must not see the others die
             for t in feeders:
                 t.join(timeout=1.0)
             return [self._result(b, wall, timed_out, limits) for b in boxes]
@@ -518,45 +519,44 @@ class Sandbox:
     def _start(self, run: Run, limits: Limits) -> _Box:
         p = self.probe
         box = _Box(proc=None)  # type: ignore[arg-type]
-        drop: list[str] = []
-        if os.geteuid() == 0:  # a uid of the run's own; cgroups are only found for root (_find_cgroups)
-            if self._uids is None:
-                self._uids = Uids()
-            uid, box.uid_fd = self._uids.acquire()
-            drop = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
-            if p.cgroups:
-                box.cgroup = p.cgroups.create(f"run-{uid}", limits)
-        boot = _memfd("boot", _BOOT.encode())
-        program = _memfd("program", run.program.encode())
-        seccomp = _memfd("seccomp", bpf_program())
         try:
-            cpu = limits.cpu_s or math.ceil(limits.wall_s) + 1
-            mb = 1024 * 1024
-            argv = [
-                "sh", "-c", _OUTER, "sandbox", box.cgroup.procs if box.cgroup else "", *drop,
-                "unshare", "--user", "--map-root-user", "--mount", "--",
-                "sh", "-c", _INNER, "sandbox", str(limits.scratch_mb * mb), str(limits.scratch_inodes),
-                "bwrap", "--unshare-user", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
-                "--unshare-cgroup", "--die-with-parent", "--new-session", "--clearenv",
-                "--setenv", "LANG", "C.UTF-8", "--setenv", "HOME", "/tmp", "--setenv", "PATH", "/usr/bin:/bin",
-                "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "sandbox",
-                *p.binds, "--proc", "/proc", "--dev", "/dev",
-                "--bind", "/tmp", "/tmp", "--bind", "/tmp", "/dev/shm",
-                "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp",
-                "--disable-userns", "--seccomp", str(seccomp), "--",
-                p.python, "-I", "-S", "-B", f"/dev/fd/{boot}",
-                str(cpu), str(limits.memory_mb * mb), str(limits.processes), str(limits.file_mb * mb), str(program),
-            ]  # fmt: skip
-            box.proc = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                pass_fds=(boot, program, seccomp, *run.fds), env=_ENV, start_new_session=True,
-            )  # fmt: skip
+            drop: list[str] = []
+            if os.geteuid() == 0:  # a uid of the run's own; cgroups are only found for root (_find_cgroups)
+                if self._uids is None:
+                    self._uids = Uids()
+                uid, box.uid_fd = self._uids.acquire()
+                drop = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
+                if p.cgroups:
+                    box.cgroup = p.cgroups.create(f"run-{uid}", limits)
+            boot, program, seccomp = _memfd("boot", _BOOT.encode()), _memfd("program", run.program.encode()), _memfd("seccomp", bpf_program())
+            try:
+                cpu = limits.cpu_s or math.ceil(limits.wall_s) + 1
+                mb = 1024 * 1024
+                argv = [
+                    "sh", "-c", _OUTER, "sandbox", box.cgroup.procs if box.cgroup else "", *drop,
+                    "unshare", "--user", "--map-root-user", "--mount", "--",
+                    "sh", "-c", _INNER, "sandbox", str(limits.scratch_mb * mb), str(limits.scratch_inodes),
+                    "bwrap", "--unshare-user", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
+                    "--unshare-cgroup", "--die-with-parent", "--new-session", "--clearenv",
+                    "--setenv", "LANG", "C.UTF-8", "--setenv", "HOME", "/tmp", "--setenv", "PATH", "/usr/bin:/bin",
+                    "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "sandbox",
+                    *p.binds, "--proc", "/proc", "--dev", "/dev",
+                    "--bind", "/tmp", "/tmp", "--bind", "/tmp", "/dev/shm",
+                    "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp",
+                    "--disable-userns", "--seccomp", str(seccomp), "--",
+                    p.python, "-I", "-S", "-B", f"/dev/fd/{boot}",
+                    str(cpu), str(limits.memory_mb * mb), str(limits.processes), str(limits.file_mb * mb), str(program),
+                ]  # fmt: skip
+                box.proc = subprocess.Popen(
+                    argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    pass_fds=(boot, program, seccomp, *run.fds), env=_ENV, start_new_session=True,
+                )  # fmt: skip
+            finally:
+                for fd in (boot, program, seccomp):
+                    os.close(fd)
         except BaseException:
             self._release(box)
             raise
-        finally:
-            for fd in (boot, program, seccomp):
-                os.close(fd)
         return box
 
     def _result(self, box: _Box, wall: float, killed_at_deadline: bool, limits: Limits) -> Result:

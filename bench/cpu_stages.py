@@ -9,6 +9,7 @@ they do not compress like loops) and cut to 8,000 tokens of the default model's 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import random
 import sys
@@ -173,7 +174,8 @@ def code_overhead(runs: int = 30) -> dict[str, float | str]:
 
 def main() -> dict:
     results = {
-        "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine()},
+        "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+                    "load_avg_1m": round(os.getloadavg()[0], 1)},  # other work on the machine skews every figure
         "filters_8k_tokens_en": bench_filters(zh=False),
         "filters_8k_tokens_zh": bench_filters(zh=True),
         "math_verify": bench_math(),

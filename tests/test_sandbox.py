@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from hostcheck import descendants, host, sysv_keys  # noqa: F401  (host is a fixture)
 from pipeline.config import REPO_ROOT
 from pipeline.verify.code import CodeVerifier
 from pipeline.verify.sandbox import CGROUP, RLIMITS, SANDBOX_UID, Limits, Run, Sandbox, Uids, probe, uid_range
@@ -30,44 +31,6 @@ def sandbox() -> Sandbox:
     box = Sandbox()
     assert box.unavailable is None, box.unavailable
     return box
-
-
-def descendants() -> list[int]:
-    """Every live process below this one (sandboxed processes are, until they are gone)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [os.getpid()]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def sysv_keys() -> set[int]:
-    """Keys of the host's SysV shared memory segments, message queues and semaphore sets."""
-    keys = set()
-    for kind in ("shm", "msg", "sem"):
-        for line in Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]:
-            keys.add(int(line.split()[0]))
-    return keys
-
-
-@pytest.fixture
-def host():
-    """A sentinel process that must survive; afterwards no process of any run may be left."""
-    sentinel = subprocess.Popen(["sleep", "300"])
-    yield sentinel
-    assert sentinel.poll() is None, "the sandboxed program killed a host process"
-    sentinel.kill()
-    sentinel.wait()
-    assert descendants() == [], "a sandboxed process outlived its run"
 
 
 # --- the probe and the uids ---------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from hostcheck import host  # noqa: F401  (a fixture: a host process survives, no process of a run is left)
 from pipeline.config import REPO_ROOT
 from pipeline.schemas import reason_codes
 from pipeline.verify import harness
@@ -261,7 +262,7 @@ def test_wrong_output_names_the_case(verifier):
     assert v.details["expected"] == "6" and v.details["got"].strip() == "15"
 
 
-def test_wrong_function_names_the_failing_assert(verifier):
+def test_wrong_function_names_the_failing_assert(verifier, host):
     bad = verifier(sample(WRONG_ADD, ADD))
     assert (bad.ok, bad.reason, bad.details["where"]) == (False, "tests_failed", "tests.py:1: assert add(2, 3) == 5")
     crash = verifier(sample("def add(a, b):\n    return a + undefined", ADD))
@@ -290,13 +291,13 @@ def test_wrong_function_names_the_failing_assert(verifier):
     ids=["os_exit_at_load", "os_exit_after_defs", "raise_systemexit", "exit", "quit", "excepthook", "atexit_os_exit",
          "sys_exit_in_call", "os_exit_in_call", "sigkill_self_in_call", "always_true_eq", "truthy_object", "patched_builtins"],
 )  # fmt: skip
-def test_gaming_the_verdict_fails(verifier, attack, reason):
+def test_gaming_the_verdict_fails(verifier, host, attack, reason):
     """Each of these wrong programs was accepted when program and tests shared one script."""
     v = verifier(sample(attack, ADD))
     assert (v.ok, v.reason) == (False, reason), v
 
 
-def test_alarm_handler_exiting_mid_test_is_an_early_exit(verifier):
+def test_alarm_handler_exiting_mid_test_is_an_early_exit(verifier, host):
     spec = {"kind": "assert", "code": "assert add(2, 3) == 5\nassert add(1, 1) == 2", "time_limit_s": 5}
     for handler in ("os._exit(0)", "sys.exit(0)"):
         code = (f"import os, signal, sys, time\nsignal.signal(signal.SIGALRM, lambda *a: {handler})\nsignal.alarm(1)\n"
@@ -305,14 +306,14 @@ def test_alarm_handler_exiting_mid_test_is_an_early_exit(verifier):
         assert (v.ok, v.reason) == (False, "early_exit"), v
 
 
-def test_test_code_that_catches_everything_cannot_hide_an_early_exit(verifier):
+def test_test_code_that_catches_everything_cannot_hide_an_early_exit(verifier, host):
     spec = {"kind": "assert", "code": "for x in range(3):\n    try:\n        add(x, x)\n    except BaseException:\n        pass\n"}
     assert verifier(sample(HONEST_ADD, spec)).ok
     v = verifier(sample("import os\ndef add(a, b):\n    os._exit(0)", spec))
     assert (v.ok, v.reason) == (False, "early_exit")
 
 
-def test_reading_the_test_code_finds_nothing(verifier):
+def test_reading_the_test_code_finds_nothing(verifier, host):
     """The test code lives only in the harness's sandbox: searching every file, fd and process the
     program can see finds no trace of it, so a program answering from the tests' table fails."""
     marker = "MARKER-7f3a9c"
@@ -359,7 +360,7 @@ def add(a, b):
     assert (v.ok, v.reason) == (False, "tests_failed"), v
 
 
-def test_the_harness_is_out_of_the_programs_reach(verifier):
+def test_the_harness_is_out_of_the_programs_reach(verifier, host):
     """No signal, ptrace or /proc/<pid>/mem between the two sides: the program sees only its own
     pid namespace and cannot stop the harness from reporting."""
     code = """
@@ -387,7 +388,7 @@ def test_no_code_and_bad_specs(verifier):
     assert verifier(sample(HONEST_ADD, {"kind": "assert", "code": "assert add(1, 1) == (2"})).reason == "bad_tests"
 
 
-def test_runtime_error_and_timeout(verifier):
+def test_runtime_error_and_timeout(verifier, host):
     assert verifier(sample("raise SystemExit(3)", STDIO)).reason == "runtime_error"
     spec = {**STDIO, "time_limit_s": 0.5}
     start = time.monotonic()

@@ -376,9 +376,13 @@ def _find_cgroups() -> tuple[Cgroups | None, str]:
 # --- the probe --------------------------------------------------------------------------------
 
 
+_PROBING = threading.Lock()
+
+
 def probe(python: str | None = None) -> Probe:
     """The isolation level this host allows (found once per process and interpreter, logged)."""
-    return _probe_once(python)
+    with _PROBING:  # check threads start together: one probe, one log line
+        return _probe_once(python)
 
 
 @cache

@@ -76,7 +76,14 @@ main = type(sys)("__main__")
 main.__file__ = "/tmp/main.py"
 sys.modules["__main__"] = main
 del os, resource, builtins, _sitebuiltins, f, copy, source, res, value
-exec(code, main.__dict__)
+try:
+    exec(code, main.__dict__)
+except SystemExit:
+    raise
+except BaseException as e:  # the traceback starts at the program's own frame
+    e = e.with_traceback(e.__traceback__.tb_next)
+    sys.excepthook(type(e), e, e.__traceback__)
+    sys.exit(1)
 """
 _OUTER = 'echo 1000 > /proc/self/oom_score_adj || exit 121; if [ -n "$1" ]; then echo $$ > "$1" || exit 121; fi; shift; exec "$@"'
 _INNER = 'mount -t tmpfs -o "size=$1,nr_inodes=$2,mode=1777,nosuid,nodev" sandbox-scratch /tmp || exit 121; shift 2; exec "$@"'

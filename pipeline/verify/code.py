@@ -37,7 +37,8 @@ class _Spec(BaseModel):
 
 
 class _Tests(_Spec):
-    prelude: str = Field("", description="Python run just before the program, in its namespace (e.g. the prompt's imports).")
+    prelude: str = Field(
+        "", description="Python run just before the program, in its namespace (e.g. the prompt's imports).")
 
 
 class StdioCase(_Spec):
@@ -267,8 +268,8 @@ class CodeVerifier:
             if record["reason"] == "early_exit" and prog.returncode >= 0:  # it ended by itself (not killed here)
                 details = {**details, "exit": prog.returncode, "stderr": _excerpt(prog.stderr, 400), **output}
             return Verdict.reject(record["reason"], **details)
-        return Verdict.reject("verifier_error", error="the test harness ended without a record", exit=harness.returncode,
-                              stderr=_excerpt(harness.stderr, 400))  # fmt: skip
+        return Verdict.reject("verifier_error", error="the test harness ended without a record",
+                              exit=harness.returncode, stderr=_excerpt(harness.stderr, 400))
 
 
 def _read_record(fd: int, nonce: str) -> dict[str, Any] | None:

@@ -85,8 +85,14 @@ except BaseException as e:  # the traceback starts at the program's own frame
     sys.excepthook(type(e), e, e.__traceback__)
     sys.exit(1)
 """
-_OUTER = 'echo 1000 > /proc/self/oom_score_adj || exit 121; if [ -n "$1" ]; then echo $$ > "$1" || exit 121; fi; shift; exec "$@"'
-_INNER = 'mount -t tmpfs -o "size=$1,nr_inodes=$2,mode=1777,nosuid,nodev" sandbox-scratch /tmp || exit 121; shift 2; exec "$@"'
+_OUTER = (
+    'echo 1000 > /proc/self/oom_score_adj || exit 121; '
+    'if [ -n "$1" ]; then echo $$ > "$1" || exit 121; fi; shift; exec "$@"'
+)
+_INNER = (
+    'mount -t tmpfs -o "size=$1,nr_inodes=$2,mode=1777,nosuid,nodev" sandbox-scratch /tmp || exit 121; '
+    'shift 2; exec "$@"'
+)
 # ^ in the run's own mount namespace: the host's /tmp is untouched; bwrap shows it as /tmp and /dev/shm
 _ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
@@ -193,12 +199,16 @@ def _bind_args(python: str) -> tuple[str, ...]:
     out = subprocess.run([python, "-I", "-S", "-c", _LAYOUT], capture_output=True, text=True, timeout=30, check=True)
     stdlib, platstdlib, _ = json.loads(out.stdout)
     dirs = sorted({os.path.realpath(stdlib), os.path.realpath(platstdlib)})
-    extensions = [str(p) for d in dirs for p in Path(d, "lib-dynload").glob("*.so") if p.name.split(".")[0] not in UNUSED_EXTENSIONS]
+    extensions = [str(p) for d in dirs for p in Path(d, "lib-dynload").glob("*.so")
+                  if p.name.split(".")[0] not in UNUSED_EXTENSIONS]
     ldd = subprocess.run(["ldd", python, *extensions], capture_output=True, text=True, timeout=60)
     libs = set()
     for line in ldd.stdout.splitlines():
         parts = line.split()
-        path = parts[2] if len(parts) >= 3 and parts[1] == "=>" else parts[0] if parts and parts[0].startswith("/") else ""
+        if len(parts) >= 3 and parts[1] == "=>":  # libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)
+            path = parts[2]
+        else:  # /lib64/ld-linux-x86-64.so.2 (0x...), or a file's "/path/module.so:" header
+            path = parts[0] if parts else ""
         if path.startswith("/") and not path.endswith(":"):
             libs.add(path)
     args = ["--ro-bind", python, python]
@@ -512,7 +522,8 @@ class Sandbox:
                     for fd in run.fds:
                         os.close(fd)  # only the sandboxes hold them now: a side that dies shows as EOF
             start = time.monotonic()
-            feeders = [threading.Thread(target=_feed, args=(b.proc.stdin, r.stdin), daemon=True) for b, r in zip(boxes, runs)]
+            feeders = [threading.Thread(target=_feed, args=(b.proc.stdin, r.stdin), daemon=True)
+                       for b, r in zip(boxes, runs)]
             for t in feeders:
                 t.start()
             deadline = start + limits.wall_s + STARTUP_S
@@ -539,7 +550,8 @@ class Sandbox:
                 drop = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
                 if p.cgroups:
                     box.cgroup = p.cgroups.create(f"run-{uid}", limits)
-            boot, program, seccomp = _memfd("boot", _BOOT.encode()), _memfd("program", run.program.encode()), _memfd("seccomp", bpf_program())
+            boot, program = _memfd("boot", _BOOT.encode()), _memfd("program", run.program.encode())
+            seccomp = _memfd("seccomp", bpf_program())
             try:
                 cpu = limits.cpu_s or math.ceil(limits.wall_s) + 1
                 mb = 1024 * 1024

@@ -169,12 +169,13 @@ def fmt_humaneval(row: dict[str, Any]) -> dict[str, Any]:
         stub = _need(row, "prompt")
         code = f"{_need(row, 'test')}\n\ncheck({_need(row, 'entry_point')})\n"
         prompt = f"Complete the following Python function.\n\n```python\n{stub}\n```"
+        prelude = stub  # its imports and helpers, as the official harness runs prompt + completion
     else:
         tests = _json_field(_need(row, "test_list"), "test_list")
-        setup = row.get("test_setup_code") or ""
-        code = setup + "\n" + "\n".join(tests) + "\n"
+        prelude = row.get("test_setup_code") or ""  # objects the asserts pass in live next to the program
+        code = "\n".join(tests) + "\n"
         prompt = f"{_need(row, 'text', 'prompt')}\nYour code should pass these tests:\n\n" + "\n".join(tests)
-    tests_json = json.dumps({"kind": "assert", "code": code, "time_limit_s": 5})
+    tests_json = json.dumps({"kind": "assert", "code": code, "prelude": prelude, "time_limit_s": 5})
     return {"prompt": prompt, "domain": "code", "tests": tests_json}
 
 

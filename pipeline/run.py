@@ -25,6 +25,7 @@ from pipeline.config import ConfigError, JobConfig
 from pipeline.generate import EngineStage, JudgeStage
 from pipeline.publish import publish
 from pipeline.ngrams import Contamination
+from pipeline.preflight import preflight
 from pipeline.read import Shard, iter_shard, resolve, scan_prompts, unified_schema
 from pipeline.render import RenderStage
 from pipeline.schemas import INTERNAL_COLUMNS, reserved_prompt_columns
@@ -56,21 +57,6 @@ def init_ray(background_nice: int = 0) -> None:
         priority.lower(background_nice)
     ray.init(address=address, log_to_driver=True, logging_level="WARNING", include_dashboard=False
              if address == "local" else None)
-
-
-def preflight(job: JobConfig) -> None:
-    """Fail in seconds, not after engines start: model present, sampling accepted by vLLM."""
-    path = job.model.path
-    if path.startswith("/") and not os.path.exists(os.path.join(path, "config.json")):
-        raise ConfigError(f"model not found: {path} (run `make setup` for the default model)")
-    try:
-        from vllm import SamplingParams
-    except ImportError:  # a driver without vLLM (e.g. a thin client); the engines will check
-        return
-    try:
-        SamplingParams(**job.sampling)
-    except Exception as e:
-        raise ConfigError(f"sampling: {e}") from None
 
 
 class Progress:
@@ -312,10 +298,27 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], storage: Storage, att
 
 
 def curate(job: JobConfig, inputs: list[str], output: str) -> str:
-    """Verify and filter existing completions: one output row per input row, in input order."""
+    """Verify and filter existing completions: one output row per input row, in input order.
+
+    The output is one Parquet file (`output` itself, or `output/curated-00000.parquet`), written
+    whole or not at all and replaced by a rerun; an input that is that file is refused, so a rerun
+    over a glob that matches it cannot double the rows."""
     import ray
 
+    from pipeline.preflight import check_units
+
+    if output.endswith(".parquet"):
+        folder, _, rel = output.rpartition("/")
+        storage = Storage(folder or ".")
+    else:
+        storage, rel = Storage(output), "curated-00000.parquet"
     fs, shards = resolve(inputs, allow=frozenset(reserved_prompt_columns() - set(INTERNAL_COLUMNS)))
+    own = os.path.realpath(storage.path(rel)) if storage.local else storage.path(rel)
+    for s in shards:
+        if type(fs) is type(storage.fs) and (os.path.realpath(s.path) if storage.local else s.path) == own:
+            raise ConfigError(f"curate: input {s.uri} is this curate's own output; write the output elsewhere "
+                              "or leave it out of the input")
+    check_units(job)
     init_ray(job.resources.background_nice)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -330,11 +333,6 @@ def curate(job: JobConfig, inputs: list[str], output: str) -> str:
         compute=ray.data.ActorPoolStrategy(size=res.cpu_actors),
         num_cpus=res.cpu_stage_cpus,
     )
-    if output.endswith(".parquet"):
-        folder, _, rel = output.rpartition("/")
-        storage = Storage(folder or ".")
-    else:
-        storage, rel = Storage(output), "curated-00000.parquet"
     batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
     first = next(batches, None)
     if first is None:

@@ -148,7 +148,9 @@ class Storage:
 
     @contextlib.contextmanager
     def parquet_writer(self, rel: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
-        """Stream a large Parquet file; it appears at `rel` only once complete."""
+        """Stream a large Parquet file; it appears at `rel` only once complete, and not at all if
+        the block raises (or the generator is dropped): locally a temp file is renamed into place,
+        on object stores the upload is completed only on success and aborted otherwise."""
         path = self.path(rel)
         if self.local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -160,9 +162,23 @@ class Storage:
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-        else:
-            with self.fs.open(path, "wb") as f, pq.ParquetWriter(f, schema, compression="zstd") as writer:
-                yield writer  # multipart upload: the object exists only after close
+            return
+        # Not `with fs.open(...)`: fsspec's __exit__ (and __del__) close the file, which completes
+        # the upload, so an error would publish a valid-looking Parquet file of the rows so far.
+        f = self.fs.open(path, "wb")
+        writer = None
+        try:
+            writer = pq.ParquetWriter(f, schema, compression="zstd")
+            yield writer
+            writer.close()
+        except BaseException:
+            if writer is not None:
+                with contextlib.suppress(Exception):
+                    writer.close()  # into the buffer about to be dropped: no footer written later by __del__
+            f.discard()  # aborts the multipart upload if one was started; small files were never sent
+            f.closed = True  # and __del__ must not upload what is buffered
+            raise
+        f.close()  # the object appears: a single PUT, or the multipart upload completed
 
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self.path(rel))

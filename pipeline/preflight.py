@@ -124,9 +124,11 @@ def check_sampling(where: str, sampling: dict[str, Any], engine_stage: bool) -> 
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ConfigError(f"{where}.seed: must be an integer (each prompt's seed is derived from it), got {seed!r}")
         args.update(seed=0 if seed is not None else None, output_kind=RequestOutputKind.FINAL_ONLY)
+    from vllm.exceptions import VLLMError
+
     try:
         SamplingParams(**args)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, VLLMError) as e:
         raise ConfigError(f"{where}: {scrub(str(e))}") from None
 
 

@@ -23,6 +23,7 @@ import csv
 import io
 import json
 import math
+import os
 import posixpath
 import re
 import time
@@ -33,6 +34,8 @@ from typing import Any, Callable, Iterator, TextIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.compression import compr
+from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import infer_compression
 
 from pipeline.config import ConfigError
@@ -124,11 +127,20 @@ def _read_file(fs: Any, path: str, uri: str) -> Iterator[tuple[int, dict[str, An
                 yield n, row
 
 
+def _open(fs: Any, path: str, compression: str | None) -> Any:
+    """The file's bytes; a local pipe (`<(zcat ...)`, /dev/stdin) is read as it streams, where
+    fsspec's local files need to seek."""
+    if isinstance(fs, LocalFileSystem) and os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        f = open(path, "rb")
+        return compr[compression](f, mode="rb") if compression else f
+    return fs.open(path, "rb", compression=compression)
+
+
 @contextlib.contextmanager
 def _decoded(fs: Any, path: str, uri: str, compression: str | None) -> Iterator[TextIO]:
     """The file decoded strictly: UTF-8 (a BOM is dropped) or UTF-16/32 by their BOM. Bytes that
     are not valid in that encoding stop the file with their offset; nothing is ever replaced."""
-    with fs.open(path, "rb", compression=compression) as raw:
+    with _open(fs, path, compression) as raw:
         stream = io.BufferedReader(raw)
         head = stream.peek(64)[:64]
         if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
@@ -150,6 +162,8 @@ def _bad_bytes(fs: Any, path: str, compression: str | None, encoding: str) -> st
     """Where the first byte that is invalid in `encoding` is (a second pass, on the error path only)."""
     name = {"utf-8-sig": "UTF-8", "utf-16": "UTF-16", "utf-32": "UTF-32"}[encoding]
     where = " of the decompressed data" if compression else ""
+    if isinstance(fs, LocalFileSystem) and not os.path.isfile(path):
+        return f"not valid {name} (a pipe: it cannot be read again to find the byte); save the data as UTF-8"
     decoder = codecs.getincrementaldecoder(encoding)("strict")
     offset = 0
     with fs.open(path, "rb", compression=compression) as f:

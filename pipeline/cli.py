@@ -136,8 +136,8 @@ def prepare(
         typer.echo(f"  {bad['file']}:{bad['row']}: {bad['error']}", err=True)
     more = report.dropped["bad_row"] + report.dropped["duplicate_id"] - min(20, len(report.bad_rows))
     if not report.written:
-        _fail(2, f"nothing written to {output}: {'every row was dropped' if report.read else 'the source holds no rows'}"
-                 f"{' (see above; check --format)' if report.read else ''}; an earlier prepare's shards there are unchanged")
+        why = "every row was dropped (see above; check --format)" if report.read else "the source holds no rows"
+        _fail(2, f"nothing written to {output}: {why}; an earlier prepare's shards there are unchanged")
     if more > 0:
         typer.echo(f"  ... {more} more (the first 1000 are in {output.rstrip('/')}/_prepare_report.json)", err=True)
     typer.echo(output)

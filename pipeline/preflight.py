@@ -139,7 +139,8 @@ def _engine_argument_types() -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(arg_utils.AsyncEngineArgs):
         try:
-            out[f.name] = eval(f.type, vars(arg_utils)) if isinstance(f.type, str) else f.type  # noqa: S307 (vLLM's own annotations)
+            # vLLM's own annotations (strings under `from __future__ import annotations`)
+            out[f.name] = eval(f.type, vars(arg_utils)) if isinstance(f.type, str) else f.type  # noqa: S307
         except Exception:
             out[f.name] = Any  # an annotation that does not resolve here: the name alone is checked
     return out
@@ -156,7 +157,8 @@ def check_engine(where: str, spec: EngineSpec, judge: bool) -> None:
     if judge:
         from vllm import LLM
 
-        types.update({p: Any for p in inspect.signature(LLM.__init__).parameters if p not in types and p not in ("self", "kwargs")})
+        own = [p for p in inspect.signature(LLM.__init__).parameters if p not in ("self", "kwargs")]
+        types.update({p: Any for p in own if p not in types})
     names = sorted(types)
     if "model" in spec.kwargs:
         raise ConfigError(f"{where}.kwargs.model: set model.path instead")

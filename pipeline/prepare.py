@@ -82,17 +82,18 @@ def _is_source(path: str) -> bool:
     return kind in TEXT_TYPES or (kind in BINARY_TYPES and compression is None)
 
 
-def iter_rows(source: str) -> Iterator[Located]:
-    """Every row of every file the source names, with where it came from."""
+def iter_rows(source: str, output: Storage | None = None) -> Iterator[Located]:
+    """Every row of every file the source names, with where it came from. Files inside `output`
+    (an earlier prepare's shards) are never sources: a folder skips them, a pattern is refused."""
     for pattern in split_spec(source):
         proto = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
         with storage_errors(pattern):
             fs, path = filesystem(pattern)
             if fs.isdir(path) and fs.exists(posixpath.join(path, "state.json")):
-                files = sorted(f["filename"] for f in json.loads(fs.cat_file(posixpath.join(path, "state.json")))["_data_files"])
-                paths = [posixpath.join(path, f) for f in files]
+                state = json.loads(fs.cat_file(posixpath.join(path, "state.json")))
+                paths = [posixpath.join(path, f["filename"]) for f in state["_data_files"]]
             elif fs.isdir(path):
-                paths = sorted(p for p in fs.find(path) if _is_source(p))
+                paths = sorted(p for p in fs.find(path) if _is_source(p) and not _inside(fs, p, output))
             elif any(c in path for c in "*?["):
                 paths = sorted(fs.glob(path))
             else:
@@ -101,8 +102,17 @@ def iter_rows(source: str) -> Iterator[Located]:
             raise FileNotFoundError(f"{pattern}: no source files")
         for p in paths:
             uri = f"{proto}{p}"
+            if _inside(fs, p, output):
+                raise SourceError(f"{uri}: is in the output folder; prepare does not read its own shards")
             with storage_errors(uri):
                 yield from ((uri, n, row) for n, row in _read_file(fs, p, uri))
+
+
+def _inside(fs: Any, path: str, output: Storage | None) -> bool:
+    if output is None or type(fs) is not type(output.fs):
+        return False
+    real = os.path.realpath if output.local else str
+    return real(path).startswith(real(output.root).rstrip("/") + "/")
 
 
 def _read_file(fs: Any, path: str, uri: str) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
@@ -182,12 +192,17 @@ def _bad_bytes(fs: Any, path: str, compression: str | None, encoding: str) -> st
             offset += len(chunk)
 
 
+NON_FINITE = "NaN or Infinity is not a JSON value"
+
+
+def _no_constant(literal: str) -> Any:
+    raise ValueError(literal)  # json calls this only for NaN/Infinity, which JSON does not have
+
+
 def _json_row(value: Any) -> dict[str, Any] | BadRow:
     if not isinstance(value, dict):
         kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
         return BadRow(f"a JSON value that is {kind}, not an object")
-    if _non_finite(value):
-        return BadRow("NaN or Infinity is not a JSON value")
     return value
 
 
@@ -207,17 +222,20 @@ def _jsonl(text: TextIO) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
         n += 1
         if line.strip():
             try:
-                yield n, _json_row(json.loads(line))
+                yield n, _json_row(json.loads(line, parse_constant=_no_constant))
             except json.JSONDecodeError as e:
                 yield n, BadRow(f"invalid JSON: {e.msg} (column {e.colno})")
+            except ValueError:
+                yield n, BadRow(NON_FINITE)
 
 
 def _json(text: TextIO, uri: str) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
     """A JSON array of objects, `{"data": [...]}` / `{"rows": [...]}`, one object, or JSON Lines
     in a .json file (as many datasets ship them)."""
     raw = text.read()
+    constants: list[str] = []
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=lambda c: constants.append(c) or float(c))
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":
             yield from _jsonl(io.StringIO(raw, newline=""))
@@ -229,7 +247,7 @@ def _json(text: TextIO, uri: str) -> Iterator[tuple[int, dict[str, Any] | BadRow
     if not isinstance(data, list):
         raise SourceError(f"{uri}: expected a JSON array of objects (or {{\"data\": [...]}}), got {type(data).__name__}")
     for n, value in enumerate(data, 1):
-        yield n, _json_row(value)
+        yield n, BadRow(NON_FINITE) if constants and _non_finite(value) else _json_row(value)
 
 
 def _delimited(text: TextIO, uri: str, kind: str) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
@@ -395,8 +413,9 @@ FORMATS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "humaneval": fmt_humaneval,
     "choice": fmt_choice,
 }
-SETS = {"math": ("prompt", "domain", "answer"), "gsm8k": ("prompt", "domain", "answer"), "choice": ("prompt", "domain", "answer"),
-        "code-stdio": ("prompt", "domain", "tests"), "humaneval": ("prompt", "domain", "tests"), "generic": ()}
+_WITH_ANSWER, _WITH_TESTS = ("prompt", "domain", "answer"), ("prompt", "domain", "tests")
+SETS = {"math": _WITH_ANSWER, "gsm8k": _WITH_ANSWER, "choice": _WITH_ANSWER, "code-stdio": _WITH_TESTS,
+        "humaneval": _WITH_TESTS, "generic": ()}
 """The fields each format fills itself; --map/--const may add any other."""
 _INT = re.compile(r"[+-]?\d+")
 _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -482,7 +501,8 @@ class Converter:
         self._numbers = {f.name for f in extra if f.type in NUMERIC.values()}
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        row = {**row, **{c: _number(row[c], c, kind) for c, kind in self.numeric.items() if c in row}}
+        if self.numeric:
+            row = {**row, **{c: _number(row[c], c, kind) for c, kind in self.numeric.items() if c in row}}
         try:
             out = self.base(row) if self.base else {}
         except BadRow:
@@ -571,7 +591,8 @@ class ShardWriter:
     aborts the file being written. `files` lists the finished ones with their rows and sha256."""
 
     def __init__(self, storage: Storage, folder: str, name: str, rows_per_shard: int, schema: pa.Schema) -> None:
-        self.storage, self.folder, self.name, self.rows_per_shard, self.schema = storage, folder, name, rows_per_shard, schema
+        self.storage, self.folder, self.name = storage, folder, name
+        self.rows_per_shard, self.schema = rows_per_shard, schema
         self.files: list[ShardFile] = []
         self._file: contextlib.ExitStack | None = None
         self._writer: pq.ParquetWriter | None = None
@@ -606,7 +627,8 @@ class ShardWriter:
             return
         self._file.close()  # the file appears, whole
         rel = self._rel()
-        self.files.append(ShardFile(posixpath.basename(rel), self._rows, file_sha256(self.storage.fs, self.storage.path(rel))))
+        sha256 = file_sha256(self.storage.fs, self.storage.path(rel))  # of what was stored, read back
+        self.files.append(ShardFile(posixpath.basename(rel), self._rows, sha256))
         self._file, self._writer, self._rows = None, None, 0
 
 
@@ -687,7 +709,7 @@ def _convert_all(source: str, convert: Converter, opts: PrepareOptions, report: 
     seen_near: set[int] = set()
     seen_ids: set[str] = set()  # only for the source's own ids; hash ids are unique once deduped
     pending: list[dict[str, Any]] = []
-    for where, line, row in iter_rows(source):
+    for where, line, row in iter_rows(source, shards.storage):
         report.read += 1
         try:
             if isinstance(row, BadRow):

@@ -439,3 +439,14 @@ def test_a_prepare_killed_while_moving_shards_in_is_refused_by_generate_then_cle
     prepare(jsonl(tmp_path / "c.jsonl", gsm_rows(4, 200)), str(out), Converter("gsm8k"), PrepareOptions("c", rows_per_shard=10))
     assert listing(out) == ["_prepare_report.json", "prompts-00000.parquet"]
     assert [r["source"] for r in pq.read_table(out / "prompts-00000.parquet").to_pylist()] == ["c"] * 4
+
+
+def test_prepare_never_reads_its_own_output_as_a_source(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    jsonl(data / "a.jsonl", gsm_rows(3))
+    prepare(str(data), str(data / "shards"), Converter("gsm8k"), PrepareOptions("a"))
+    again = prepare(str(data), str(data / "shards"), Converter("gsm8k"), PrepareOptions("a"))  # the folder holds shards now
+    assert again.read == 3 and len(prepared(data / "shards")) == 3
+    with pytest.raises(SourceError, match="prompts-00000.parquet: is in the output folder"):
+        prepare(str(data / "**" / "*.parquet"), str(data / "shards"), Converter("gsm8k"), PrepareOptions("a"))

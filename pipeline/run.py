@@ -108,6 +108,7 @@ def generate(job: JobConfig, new_version: bool = False) -> str:
     one made with another (otherwise refused, naming the keys that differ)."""
     started = time.time()
     fs, shards = resolve(job.shards)
+    check_prepared(fs, shards)  # a shard cut short or left over from an earlier prepare is refused
     storage = Storage(job.output)
     inside = [s.uri for s in shards if storage.contains(fs, s.path)]
     if inside:

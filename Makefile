@@ -7,7 +7,7 @@ OUTPUT  ?=
 S3_DIR  ?= .cache/s3
 S3_PORT ?= 8333
 
-.PHONY: setup generate prepare demo-shards test test-fast bench bench-cpu calibrate s3 clean
+.PHONY: setup generate prepare demo-shards test test-fast bench bench-cpu calibrate calibrate-traces s3 clean
 
 setup:
 	bash scripts/setup.sh
@@ -47,6 +47,12 @@ bench-cpu:
 # Writes bench/results/readability_calibration.json
 calibrate:
 	$(PY) bench/calibrate_readability.py $(if $(SAMPLES),--samples '$(SAMPLES)')
+
+# Filters and math verifier on 440 real long-CoT traces (../shared/real_traces, or REAL_TRACES=dir;
+# never copied into the repo): false rejects, loops caught, agreement with the source's labels.
+# Writes bench/results/real_traces_calibration.json
+calibrate-traces:
+	$(PY) bench/calibrate_real_traces.py
 
 # A local S3-compatible server (SeaweedFS) on 127.0.0.1 for development; credentials from the
 # environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), then use AWS_ENDPOINT_URL=http://127.0.0.1:$(S3_PORT).

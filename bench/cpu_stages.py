@@ -9,6 +9,7 @@ they do not compress like loops) and cut to 8,000 tokens of the default model's 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import random
 import sys
@@ -121,41 +122,60 @@ def math_accuracy() -> dict[str, float]:
     return out
 
 
-def code_overhead(runs: int = 30) -> dict[str, float]:
-    """A trivial program in the sandbox vs the same interpreter started directly."""
+def code_overhead(runs: int = 30) -> dict[str, float | str]:
+    """A trivial program in the sandbox vs the same interpreter started directly, and a function
+    test (program and harness in two sandboxes) vs the same two interpreters started directly."""
+    import json as _json
     import statistics
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.verify.sandbox import Sandbox
+    from pipeline.verify.code import CodeVerifier
 
-    box = Sandbox(slots=2)
+    verifier = CodeVerifier()
+    box = verifier.sandbox
     if box.unavailable:
         return {"error": box.unavailable}
 
-    def plain() -> float:
+    def timed(fn: object) -> float:
         t = time.perf_counter()
-        subprocess.run([box.python, "-I", "-B", "-c", "pass"], check=True)
+        fn()  # type: ignore[operator]
         return time.perf_counter() - t
 
-    def boxed(_: object = None) -> float:
-        t = time.perf_counter()
+    def plain() -> None:
+        subprocess.run([box.python, "-I", "-S", "-B", "-c", "pass"], check=True)
+
+    def boxed(_: object = None) -> None:
         assert box.run("pass").ok
-        return time.perf_counter() - t
 
-    direct = statistics.median(plain() for _ in range(runs))
-    sandboxed = statistics.median(boxed() for _ in range(runs))
+    def two_plain() -> None:
+        procs = [subprocess.Popen([box.python, "-I", "-S", "-B", "-c", "import json, pickle"]) for _ in range(2)]
+        assert all(p.wait() == 0 for p in procs)
+
+    spec = _json.dumps({"kind": "assert", "code": "assert add(2, 3) == 5"})
+    function_sample = {"final": "```python\ndef add(a, b):\n    return a + b\n```", "tests": spec}
+
+    def function_test() -> None:
+        assert verifier(function_sample).ok
+
+    boxed(), function_test()  # warm: the probe, page cache
+    direct = statistics.median(timed(plain) for _ in range(runs))
+    sandboxed = statistics.median(timed(boxed) for _ in range(runs))
+    direct_pair = statistics.median(timed(two_plain) for _ in range(runs))
+    function = statistics.median(timed(function_test) for _ in range(runs))
     t0 = time.perf_counter()
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(boxed, range(4 * runs)))
     parallel = 4 * runs / (time.perf_counter() - t0)
-    return {"direct_ms": round(direct * 1000, 1), "sandboxed_ms": round(sandboxed * 1000, 1),
-            "overhead_ms": round((sandboxed - direct) * 1000, 1), "executions_per_s_2_slots": round(parallel, 1)}
+    return {"isolation": box.level, "direct_ms": round(direct * 1000, 1), "sandboxed_ms": round(sandboxed * 1000, 1),
+            "overhead_ms": round((sandboxed - direct) * 1000, 1), "executions_per_s_2_slots": round(parallel, 1),
+            "function_test_ms": round(function * 1000, 1), "function_test_overhead_ms": round((function - direct_pair) * 1000, 1)}
 
 
 def main() -> dict:
     results = {
-        "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine()},
+        "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+                    "load_avg_1m": round(os.getloadavg()[0], 1)},  # other work on the machine skews every figure
         "filters_8k_tokens_en": bench_filters(zh=False),
         "filters_8k_tokens_zh": bench_filters(zh=True),
         "math_verify": bench_math(),

@@ -54,6 +54,7 @@ def render_card(manifest: dict[str, Any]) -> str:
             f"- samples generated: {stats['samples']}, accepted: {stats['accepted']} "
             f"({stats['accept_rate']:.1%})",
             f"- sampling: `{job.get('sampling', {})}`",
+            *cost_lines(manifest.get("cost")),
             f"- filters: {', '.join(f['name'] for f in job.get('filters', [])) or 'none'}",
         ]),
         "",
@@ -77,6 +78,16 @@ def render_card(manifest: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def cost_lines(cost: dict[str, Any] | None) -> list[str]:
+    """What the dataset cost, for the card and the report."""
+    if not cost:
+        return []
+    per = cost["per_accepted_sample"]
+    return [f"- cost: {cost['gpu_hours']} GPU-hours ({cost['engine_hours']} engine-hours) over {cost['runs']} run(s); "
+            f"{cost['prompt_tokens']} prompt + {cost['completion_tokens']} completion tokens; per accepted sample "
+            f"{per['gpu_s']} GPU-s, {per['tokens']} tokens"]
 
 
 def _mix_summary(manifest: dict[str, Any]) -> list[str]:

@@ -194,8 +194,9 @@ class JobConfig(Strict):
     @field_validator("sampling")
     @classmethod
     def _n_positive(cls, v: dict[str, Any]) -> dict[str, Any]:
-        if int(v.get("n", 1)) < 1:
-            raise ValueError("sampling.n must be >= 1")
+        n = v.get("n", 1)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"sampling.n must be an integer >= 1, got {n!r}")
         return v
 
     @property
@@ -246,7 +247,13 @@ def split_pairs(items: list[str]) -> dict[str, str]:
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
     """`["sampling.n=2", "model.reasoning=true"]` -> {"sampling.n": 2, ...} (values parsed as YAML)."""
-    return {k: yaml.safe_load(v) for k, v in split_pairs(items).items()}
+    out = {}
+    for key, text in split_pairs(items).items():
+        try:
+            out[key] = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}={text}: not a YAML value ({getattr(e, 'problem', None) or e})") from None
+    return out
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -260,6 +267,20 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def load_yaml(path: str | os.PathLike[str], what: str = "file") -> Any:
+    """A YAML file's content; a missing file or a syntax error is one line naming file:line:column."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(f"{what} not found: {path}") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: YAML syntax error: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: YAML error: {' '.join(str(e).split())}") from None
+
+
 def load_job(path: str | os.PathLike[str] | None = None, sets: dict[str, Any] | None = None, **overrides: Any) -> JobConfig:
     """Read a job YAML (or the defaults), apply overrides (top-level keys, then dotted `sets`), validate."""
     raw = read_mapping(path, "job") if path is not None else {}
@@ -271,10 +292,7 @@ def load_job(path: str | os.PathLike[str] | None = None, sets: dict[str, Any] | 
 
 def read_mapping(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
     """A YAML file that must hold a mapping (a job or a mix file)."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{what} file not found: {path}") from None
+    raw = load_yaml(path, f"{what} file") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a {what} file is a YAML mapping")
     return raw

@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, SelectSpec
+from pipeline.errors import RunFailed
 from pipeline.fingerprint import digest
 from pipeline.mixconfig import ACCEPTED, Band, MixConfig, MixResources, SourceSpec
 from pipeline.ngrams import Contamination, normalize
@@ -63,8 +64,8 @@ ALL = (np.iinfo(np.uint64).max, np.iinfo(np.uint64).max)
 GROUP_BYTES = 128 * 2**20  # a samples file of the mix holds at most about this much (and whole prompts)
 
 
-class MixError(RuntimeError):
-    """The mix cannot be made from these sources as they are; nothing was published."""
+class MixError(ConfigError):
+    """The mix file cannot be met by these sources (exit 2); nothing was published."""
 
 
 # -- sources ------------------------------------------------------------------------------------
@@ -585,8 +586,8 @@ def _make(cfg: MixConfig, sources: list[Source], fenced: Fenced, inputs: str, at
         for group in whole_prompts(blocks, ("_prompt",), cfg.rows_per_data_file, GROUP_BYTES):
             yield group.drop_columns(["_prompt"])
         if selected.tolist() != decision.selected:  # before the version is claimed: nothing is published
-            raise MixError(f"picked {selected.tolist()} samples where the scan chose {decision.selected}: "
-                           "a source changed while it was read")
+            raise RunFailed(f"picked {selected.tolist()} samples where the scan chose {decision.selected}: "
+                            "a source changed while it was read; rerun the same command")
 
     manifest = {
         "kind": "mix",

@@ -25,6 +25,7 @@ from pipeline.config import SelectSpec
 from pipeline import report
 from pipeline.parse import assistant_content
 from pipeline.commits import commit_files, committed_prompts
+from pipeline.cost import totals
 from pipeline.fingerprint import digest
 from pipeline.select import select
 from pipeline.storage import INTERNAL, Fenced, LeaseLost, Storage
@@ -161,16 +162,22 @@ def publish(fenced: Fenced, fp: str, manifest: dict[str, Any], settings: dict[st
     one when nothing changed); returns its manifest."""
     storage = fenced.storage
     inputs = digest({"fp": fp, "commits": commit_files(storage, fp), "settings": settings})
+
+    def cost(summary: dict[str, Any]) -> dict[str, Any]:
+        return {"cost": totals(storage, fp, {d: v["accepted"] for d, v in summary["domains"].items()})}
+
     return publish_version(fenced, inputs, lambda: committed_prompts(storage, fp), manifest, started,
-                           selection, rows_per_file)
+                           selection, rows_per_file, cost)
 
 
 def publish_version(fenced: Fenced, inputs: str, groups: Callable[[], Iterable[pa.Table]], manifest: dict[str, Any],
-                    started: float, selection: SelectSpec | None = None, rows_per_file: int = 100_000) -> dict[str, Any]:
+                    started: float, selection: SelectSpec | None = None, rows_per_file: int = 100_000,
+                    annotate: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Publish the sample tables `groups()` yields as a new version, unless the newest version
     was made from the same `inputs` (a digest of everything that decides its content).
 
-    Each table holds every sample of its prompts: rejection sampling (`selection`) runs per table."""
+    Each table holds every sample of its prompts: rejection sampling (`selection`) runs per table.
+    `annotate(stats)` adds fields to the manifest once the statistics are known."""
     storage = fenced.storage
     t0 = time.time()
     latest = latest_version(storage)
@@ -204,6 +211,7 @@ def publish_version(fenced: Fenced, inputs: str, groups: Callable[[], Iterable[p
         "seq": seq,
         "stats": summary,
         "files": {"data": names, "samples": sample_files, "plots": plots},
+        **(annotate(summary) if annotate else {}),
     }
     manifest["timings"] = {**manifest.get("timings", {}), "publish_s": round(time.time() - t0, 2),
                            "total_s": round(time.time() - started, 2)}

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
-from collections import Counter
 import posixpath
+from collections import Counter
 from typing import Any
+
+from pipeline.card import cost_lines
 
 PLOTS = ("reasons.png", "lengths.png")
 
@@ -61,6 +63,7 @@ def markdown(manifest: dict[str, Any]) -> str:
         f"- run `{manifest.get('run_id')}`, model `{manifest.get('model')}`, output `{manifest.get('output')}`",
         f"- samples {stats['samples']}, accepted {stats['accepted']} ({stats['accept_rate']:.1%})",
         f"- timings: {manifest.get('timings', {})}",
+        *cost_lines(manifest.get("cost")),
         "",
         "| domain | samples | accepted | accept rate | prompts | prompts with ≥1 accepted |",
         "|---|---|---|---|---|---|",
@@ -74,6 +77,12 @@ def markdown(manifest: dict[str, Any]) -> str:
     for dom, d in stats["domains"].items():
         for reason, n in sorted(d["reasons"].items(), key=lambda kv: -kv[1]):
             lines.append(f"| {dom} | `{reason}` | {n} | {n / d['samples']:.1%} |")
+    if manifest.get("cost"):
+        lines += ["", "## Cost by domain", "", "| domain | samples | accepted | prompt tokens | completion tokens | "
+                  "tokens per accepted |", "|---|---|---|---|---|---|"]
+        for dom, c in manifest["cost"]["by_domain"].items():
+            lines.append(f"| {dom} | {c['samples']} | {c['accepted']} | {c['prompt']} | {c['completion']} | "
+                         f"{c['tokens_per_accepted']} |")
     lines += ["", "## Completion tokens", "", "| | mean | p50 | p90 | max |", "|---|---|---|---|---|"]
     for label, q in stats["completion_tokens"].items():
         if q:

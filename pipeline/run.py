@@ -23,11 +23,14 @@ from pipeline import priority
 from pipeline.check import CheckStage
 from pipeline.commits import CommitWriter, committed_keys
 from pipeline.config import ConfigError, JobConfig
+from pipeline.cost import Ledger
+from pipeline.errors import RunFailed
 from pipeline.fingerprint import differences, digest, generation_doc, publish_doc
 from pipeline.generate import EngineStage, JudgeStage
 from pipeline.publish import publish
 from pipeline.ngrams import Contamination
-from pipeline.read import Plan, Shard, iter_shard, resolve, scan_prompts, unified_schema
+from pipeline.preflight import preflight
+from pipeline.read import Plan, Shard, check_prepared, iter_shard, resolve, scan_prompts, unified_schema
 from pipeline.render import RenderStage
 from pipeline.schemas import INTERNAL_COLUMNS, reserved_prompt_columns
 from pipeline.storage import INTERNAL, Fenced, Lease, Storage
@@ -58,21 +61,6 @@ def init_ray(background_nice: int = 0) -> None:
         priority.lower(background_nice)
     ray.init(address=address, log_to_driver=True, logging_level="WARNING", include_dashboard=False
              if address == "local" else None)
-
-
-def preflight(job: JobConfig) -> None:
-    """Fail in seconds, not after engines start: model present, sampling accepted by vLLM."""
-    path = job.model.path
-    if path.startswith("/") and not os.path.exists(os.path.join(path, "config.json")):
-        raise ConfigError(f"model not found: {path} (run `make setup` for the default model)")
-    try:
-        from vllm import SamplingParams
-    except ImportError:  # a driver without vLLM (e.g. a thin client); the engines will check
-        return
-    try:
-        SamplingParams(**job.sampling)
-    except Exception as e:
-        raise ConfigError(f"sampling: {e}") from None
 
 
 class Progress:
@@ -110,10 +98,6 @@ class Progress:
                 f"output tok/s, accept rate {self.accepted / max(self.samples, 1):.1%}, ETA {eta:.0f}s")
 
 
-class RunIncomplete(RuntimeError):
-    """The run ended with prompts not committed; a rerun finishes them."""
-
-
 HEAD = f"{INTERNAL}/head.json"
 
 
@@ -124,6 +108,7 @@ def generate(job: JobConfig, new_version: bool = False) -> str:
     one made with another (otherwise refused, naming the keys that differ)."""
     started = time.time()
     fs, shards = resolve(job.shards)
+    check_prepared(fs, shards)  # a shard cut short or left over from an earlier prepare is refused
     storage = Storage(job.output)
     inside = [s.uri for s in shards if storage.contains(fs, s.path)]
     if inside:
@@ -285,27 +270,52 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: F
             num_gpus=job.judge.engine.tensor_parallel_size if use_gpu else 0,
         )
     writer = CommitWriter(fenced, fp, attempt, job.n, plan.todo, job.commit.max_prompts, job.commit.max_age_s)
+    ledger = Ledger(fenced, attempt, fp, res.engine_actors, job.engine.tensor_parallel_size if use_gpu else 0)
     total = len(plan.todo) * job.n
     progress = Progress(total)
-    with tqdm(total=total, unit="sample", desc="samples", disable=None) as bar:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            if not progress.samples:
-                log.info("first samples after %.0fs", time.monotonic() - progress.t0)
-            bar.update(writer.add(batch))
-            progress.add(batch)
-    writer.flush()
+    try:
+        with tqdm(total=total, unit="sample", desc="samples", disable=None) as bar:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                if not progress.samples:
+                    log.info("first samples after %.0fs", time.monotonic() - progress.t0)
+                commits = len(writer.commits)
+                bar.update(writer.add(batch))
+                ledger.add(batch)
+                progress.add(batch)
+                if len(writer.commits) != commits:
+                    ledger.save()
+        writer.flush()
+    finally:
+        ledger.save()
     missing = writer.missing()
     if missing:
-        raise RunIncomplete(f"{len(missing)} of {len(plan.todo)} prompts were not completed (e.g. id {missing[0][0]!r}); "
+        raise RunFailed(f"{len(missing)} of {len(plan.todo)} prompts were not completed (e.g. id {missing[0][0]!r}); "
                             "the rest is committed: rerun the same command to finish them")
     return {"commits_written": len(writer.commits), "replayed_samples_dropped": writer.duplicates}
 
 
 def curate(job: JobConfig, inputs: list[str], output: str) -> str:
-    """Verify and filter existing completions: one output row per input row, in input order."""
+    """Verify and filter existing completions: one output row per input row, in input order.
+
+    The output is one Parquet file (`output` itself, or `output/curated-00000.parquet`), written
+    whole or not at all and replaced by a rerun; an input that is that file is refused, so a rerun
+    over a glob that matches it cannot double the rows."""
     import ray
 
+    from pipeline.preflight import check_units
+
+    if output.endswith(".parquet"):
+        folder, _, rel = output.rpartition("/")
+        storage = Storage(folder or ".")
+    else:
+        storage, rel = Storage(output), "curated-00000.parquet"
     fs, shards = resolve(inputs, allow=frozenset(reserved_prompt_columns() - set(INTERNAL_COLUMNS)))
+    own = os.path.realpath(storage.path(rel)) if storage.local else storage.path(rel)
+    for s in shards:
+        if type(fs) is type(storage.fs) and (os.path.realpath(s.path) if storage.local else s.path) == own:
+            raise ConfigError(f"curate: input {s.uri} is this curate's own output; write the output elsewhere "
+                              "or leave it out of the input")
+    check_units(job)
     init_ray(job.resources.background_nice)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -320,11 +330,6 @@ def curate(job: JobConfig, inputs: list[str], output: str) -> str:
         compute=ray.data.ActorPoolStrategy(size=res.cpu_actors),
         num_cpus=res.cpu_stage_cpus,
     )
-    if output.endswith(".parquet"):
-        folder, _, rel = output.rpartition("/")
-        storage = Storage(folder or ".")
-    else:
-        storage, rel = Storage(output), "curated-00000.parquet"
     batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
     first = next(batches, None)
     if first is None:

@@ -4,6 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# The code verifier's sandbox (pipeline/verify/sandbox.py): bubblewrap, util-linux (unshare, setpriv,
+# mount) and libseccomp for its syscall filter. Without them code samples are rejected, never run.
+if ! command -v bwrap >/dev/null 2>&1 || ! ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2 '; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && apt-get install -y -qq bubblewrap libseccomp2 util-linux mount >/dev/null
+    else
+        echo "setup: install bubblewrap and libseccomp2 (apt-get install bubblewrap libseccomp2) for code verification" >&2
+    fi
+fi
 VENV=.venv
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"

@@ -80,18 +80,33 @@ def test_a_crashing_or_dying_check_is_a_rejection_not_a_crash():
         runner.close()
 
 
-def test_memory_cap_applies_to_workers():
-    runner = IsolatedRunner(workers=1, timeout_s=20.0, memory_mb=1024)
-    try:
-        (v,) = runner.run(MemoryHog(), [{}])
-        assert v.reason == "verifier_error"
-    finally:
-        runner.close()
-
-
 class MemoryHog:
     name = "hog"
 
     def __call__(self, sample):
-        blob = bytearray(4 * 1024**3)  # 4 GiB > the 1 GiB cap
+        blob = bytearray(int(sample["mb"]) * 1024**2)
         return Verdict.accept(size=len(blob))
+
+
+class AddressSpace:
+    name = "address_space"
+
+    def __call__(self, sample):
+        import resource
+
+        return Verdict.accept(limit=resource.getrlimit(resource.RLIMIT_AS)[0])
+
+
+def test_the_memory_cap_is_what_stops_a_memory_hog():
+    """The worker's address space is capped at `memory_mb`: an allocation over the cap fails with
+    a MemoryError inside the worker (reported as such), the same unit under the cap passes in the
+    same pool. A host short of memory, a dead worker or an unpicklable unit would fail both."""
+    runner = IsolatedRunner(workers=1, timeout_s=60.0, memory_mb=1024)
+    try:
+        (limit,) = runner.run(AddressSpace(), [{}])
+        assert limit.details["limit"] == 1024 * 1024**2
+        over, under = runner.run(MemoryHog(), [{"mb": 1536}, {"mb": 64}])
+        assert over.reason == "verifier_error" and over.details["error"].startswith("MemoryError"), over
+        assert under.ok and under.details["size"] == 64 * 1024**2, under
+    finally:
+        runner.close()

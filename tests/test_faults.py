@@ -123,18 +123,19 @@ def test_kill_9_of_the_driver_then_rerun_publishes_every_sample_exactly_once(tmp
 
 
 def test_a_run_killed_at_80_percent_resumes_with_at_most_30_percent_of_the_work(tmp_path):
-    shards, out = inputs(tmp_path, shards=1, per_shard=10)  # one shard: finer than shard-level commits
+    prompts = 30
+    shards, out = inputs(tmp_path, shards=1, per_shard=prompts)  # one shard: finer than shard-level commits
     log = tmp_path / "first.log"
     first = subprocess.Popen(command(shards, out, "commit.max_prompts=1"), cwd=REPO_ROOT, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
-    try:
-        wait_for(lambda: sum(committed_prompts(out).values()) >= 8, first, log, "80% of the prompts committed")
+    try:  # results arrive a few prompts at a time: kill as soon as ~75% are committed
+        wait_for(lambda: sum(committed_prompts(out).values()) >= 23, first, log, "~75% of the prompts committed")
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
     finally:
         kill_session(first)
     done = sum(committed_prompts(out).values())
-    assert 8 <= done < 10 and not (out / "_manifest.json").exists(), done
+    assert 23 <= done < prompts and not (out / "_manifest.json").exists(), done
     manifest = rerun(shards, out)
     # what the rerun generated, counted from the samples its own commits hold
     storage = Storage(str(out))
@@ -144,11 +145,11 @@ def test_a_run_killed_at_80_percent_resumes_with_at_most_30_percent_of_the_work(
         meta = json.loads(storage.read_metadata(rel)[b"pipeline.commit"])
         if meta["attempt"] == manifest["run_id"]:
             rerun_samples += meta["rows"]
-    assert manifest["run"]["prompts_to_generate"] == 10 - done
-    assert 0 < rerun_samples <= 0.3 * 10 * 2, rerun_samples
+    assert manifest["run"]["prompts_to_generate"] == prompts - done
+    assert rerun_samples == (prompts - done) * 2 <= 0.3 * prompts * 2, rerun_samples
     keys = published(out)
-    assert sorted(keys) == sorted((f"q0-{j}", k) for j in range(10) for k in range(2))
-    assert storage.list(commit_dir(fp))
+    assert sorted(keys) == sorted((f"q0-{j}", k) for j in range(prompts) for k in range(2))
+    print(f"killed with {done}/{prompts} prompts committed; the rerun generated {rerun_samples} samples")
 
 
 def test_an_engine_actor_killed_mid_run_is_restarted_and_the_run_completes(tmp_path):

@@ -71,7 +71,11 @@ def test_dockerfile_pins_vllm_and_ray():
     assert "FROM vllm/vllm-openai:v0.32.0" in text and '"ray[data,default]==2.60.0"' in text
 
 
-def test_submit_uses_a_stable_submission_id():
+def test_submit_ids_are_fresh_and_carry_the_job_hash():
+    """Ray never reuses a submission id, so each submission gets a fresh one; the job's hash in the
+    id and in the metadata is what a rerun checks for a twin still running (test_cli_errors.py)."""
+    import json
+
     def dry(*args):
         out = subprocess.run([sys.executable, "-m", "pipeline", "submit", "--dry-run", *args], cwd=REPO_ROOT,
                              capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
@@ -80,7 +84,10 @@ def test_submit_uses_a_stable_submission_id():
     a, b = dry("--shards", "s3://b/p/*.parquet"), dry("--shards", "s3://b/p/*.parquet")
     c = dry("--shards", "s3://b/q/*.parquet")
     sid = lambda cmd: cmd[cmd.index("--submission-id") + 1]  # noqa: E731
-    assert sid(a) == sid(b) != sid(c)
+    meta = lambda cmd: json.loads(cmd[cmd.index("--metadata-json") + 1])  # noqa: E731
+    assert sid(a) != sid(b) and meta(a) == meta(b) != meta(c)
+    job_hash = meta(a)["distill_job_hash"]
+    assert sid(a).startswith(f"distill-demo-{job_hash}-") and sid(b).startswith(f"distill-demo-{job_hash}-")
     entry = a[a.index("--") + 1:]
     assert entry[:4] == ["python", "-m", "pipeline", "generate"]
     check_cli_command(shlex.join(entry))

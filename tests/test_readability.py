@@ -77,6 +77,21 @@ def test_a_loop_at_the_end_of_a_long_good_trace_is_caught_by_the_tail_window():
     assert v.reason == "repetition" and v.details["tail_ratio"] < 0.18
 
 
+def test_a_loop_with_a_period_longer_than_the_short_window_is_caught():
+    """Real long traces loop over whole paragraphs (periods of 315-10,668 characters, half over
+    1,385): a 2,000-character window cannot hold such a loop twice, the 6,000 one can. Real prose
+    here: CPython's reference docs, 20k characters, then one 2,100-character passage four times."""
+    from pydoc_data.topics import topics
+
+    prose = "\n\n".join(topics[k] for k in sorted(topics))
+    passage = topics["try"][:2100]
+    text = prose[:20000] + "\n\n" + (passage + "\n\n") * 4
+    assert Repetition.ratio(passage) > 0.35 and Repetition.ratio(text) > 0.15  # prose; the whole text passes
+    assert run("repetition", sample(text), windows=(2000,)).ok
+    v = run("repetition", sample(text))
+    assert v.reason == "repetition" and v.details["tail_ratio"] < 0.18
+
+
 def test_math_with_many_short_repeated_phrases_is_not_a_loop():
     lines = [f"For n = {n}: n^2 + n = {n * n + n}, and {n * n + n} mod 6 = {(n * n + n) % 6}." for n in range(1, 40)]
     assert run("repetition", sample("Let me tabulate small cases.\n" + "\n".join(lines))).ok
@@ -92,6 +107,17 @@ def test_long_paragraph():
 def test_code_blocks_in_reasoning_only_outside_code_domains():
     assert run("code_in_reasoning", sample(CODE_REASONING)).reason == "code_in_reasoning"
     assert run("code_in_reasoning", sample(CODE_REASONING, domain="code")).ok
+    untagged = CODE_REASONING.replace("```python", "```")
+    assert run("code_in_reasoning", sample(untagged)).reason == "code_in_reasoning"  # a program all the same
+
+
+def test_a_fenced_grid_or_written_multiplication_is_layout_not_code():
+    """As real long traces use fences (2 of 181 finished Sky-T1 traces)."""
+    grid = "Let's visualize the grid:\n\n```\n1 2 3\n4 5 6\n7 8 9\n```\n\nHere, each number is a square."
+    product = "Let me set it up:\n\n```\n  6_8\nx 7_8\n------\n```\n\nFirst, multiply 6 by 7."
+    for text in (grid, product):
+        assert run("code_in_reasoning", sample(text)).ok
+    assert run("code_in_reasoning", sample(grid.replace("```\n1", "```text\n1"))).reason == "code_in_reasoning"
 
 
 def test_format():
@@ -129,3 +155,18 @@ def test_a_sentence_in_another_language_is_mixing_a_term_is_not():
     assert v.reason == "language_mixing" and "double check" in v.details["foreign_run"]
     en_switch = CLEAN_EN[0] + "\n\n所以我们需要重新计算这个数的所有正因数并把它们加起来。"
     assert run("language_mixing", sample(en_switch)).reason == "language_mixing"
+
+
+def test_real_long_traces_keep_good_traces_and_catch_loops():
+    """440 real Sky-T1 traces (../shared/real_traces; bench/calibrate_real_traces.py): of 169
+    correct, complete, non-looping traces none is rejected by a filter, and none may be (before
+    the retune: 1, a fenced grid); 150 of the 153 that end in a verbatim loop are caught by `repetition`
+    (133 with the 2,000-character window alone); no complete trace trips it."""
+    from corpus.real_traces import figures
+
+    f = figures()["filters"]
+    good = f["false_rejects_of_correct_complete_non_looping"]
+    assert good["of"] >= 150 and good["rejected"] == 0, good
+    assert f["complete_traces_rejected_each_filter_alone"]["repetition"] == 0
+    loops = f["loops_caught"]
+    assert loops["of"] >= 140 and loops["repetition"] >= 0.95 * loops["of"], loops

@@ -22,8 +22,9 @@ def test_all_null_required_string_column_is_rejected():
 
 
 def test_reserved_column_is_rejected():
-    s = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("domain", pa.string()), ("path", pa.string())])
-    assert any("reserved" in p for p in schemas.check_columns("prompt", s))
+    for col in ("prompt_hash", "rendered", "sample_index", "accepted"):
+        s = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("domain", pa.string()), (col, pa.string())])
+        assert any(f"column {col!r} is reserved" in p for p in schemas.check_columns("prompt", s)), col
 
 
 def test_every_reason_the_code_emits_is_documented():

@@ -5,8 +5,18 @@ from __future__ import annotations
 import re
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
-_TRAILING_EQUALS = re.compile(r"=\s*\$?(?P<ans>[-+]?\d[\d,]*(?:\.\d+)?)\$?\s*[.!]?\s*$")
+_TRAILING_EQUALS = re.compile(r"=\s*(?P<ans>[-+]?\d[\d,]*(?:\.\d+)?)\s*[.!]?\s*$")
 _BARE = re.compile(r"^\$?(?P<ans>[-+]?\d[\d,]*(?:\.\d+)?|\\frac\{\d+\}\{\d+\})\$?\.?$")
+# A last sentence that concludes with a number: "Therefore, the number of divisors of 196 is 9."
+_CONCLUSION = re.compile(
+    r"^(?:so|thus|therefore|hence|finally|in total|altogether)\b[^\n]*?\b(?:is|are|was|were|equals|be)\s+"
+    r"(?:equal to\s+|indeed\s+|exactly\s+)?(?P<ans>[-+]?\d[\d,]*(?:\.\d+)?)(?:\s+[A-Za-z]+){0,2}\s*[.!]?$",
+    re.IGNORECASE,
+)
+# A closing remark without a number after the stated result: "I think that's the answer."
+_REMARK = re.compile(r"^(?:I think|I'm|I am|I believe|Everything|Yes|That)\b[^\d$\\=]*$", re.IGNORECASE)
+# Display or inline math delimiters and Markdown emphasis around a last line or a stated answer.
+_DELIMITERS = re.compile(r"^(?:\$+|\\\[|\\\(|\*+|_{2})\s*|\s*(?:\$+|\\\]|\\\)|\*+|_{2})\s*[.!]?$")
 _ANSWER_IS = re.compile(
     r"(?:final answer|the answer|answer)\s*(?:is|:|=)\s*[:\s]*(?P<ans>[^\n]+)", re.IGNORECASE
 )
@@ -58,16 +68,19 @@ def boxed_answers(text: str) -> list[str]:
 
 
 def _strip_sentence(ans: str) -> str:
+    """`$\\frac{7}{2}$.`, `**5**.`, `\\( 3 \\)` -> the bare answer."""
     ans = ans.strip().rstrip(".").strip()
-    ans = re.sub(r"^\$+|\$+$", "", ans).strip()
-    ans = re.sub(r"^\\\(|\\\)$", "", ans).strip()
-    ans = re.sub(r"^\\\[|\\\]$", "", ans).strip()
+    previous = None
+    while previous != ans:
+        previous, ans = ans, _DELIMITERS.sub("", ans).strip().rstrip(".").strip()
     return ans
 
 
 def extract_answer(final: str | None) -> str | None:
     """The answer in `final`, by priority: the last box; the last 'the answer is ...' phrase;
-    a last line that is a bare number or ends in '= number' (how chat models state results).
+    a last line that is a bare number, ends in '= number' or concludes 'so ... is number'
+    (how chat models state results; a closing remark such as "I think that's the answer." after
+    it is passed over); Markdown bold and math delimiters around it are dropped.
 
     Returns None when the final part states no answer; callers must not fall back to the
     reasoning, where intermediate numbers would be mistaken for answers.
@@ -82,6 +95,9 @@ def extract_answer(final: str | None) -> str | None:
         ans = _strip_sentence(matches[-1].group("ans"))
         inner = boxed_answers(ans)
         return (inner[-1] if inner else ans) or None
-    last = final.strip().splitlines()[-1].strip()
-    m = _BARE.match(last) or _TRAILING_EQUALS.search(last)
+    lines = [line for line in final.strip().splitlines() if line.strip()]
+    if len(lines) > 1 and _REMARK.match(lines[-1].strip()):
+        lines.pop()  # the result is stated on the line before the remark
+    last = _strip_sentence(lines[-1])
+    m = _BARE.match(last) or _TRAILING_EQUALS.search(last) or _CONCLUSION.match(last)
     return m.group("ans") if m else None

@@ -1,10 +1,28 @@
 r"""Labelled gold/prediction pairs for the math grader: (class, gold, prediction, equivalent).
 
-Hard cases from the classes where graders go wrong (Math-Verify's issue tracker and our own
-runs): forms of the same number, units and percent, expressions, equations, sets vs intervals
-vs tuples, tiny and huge quantities, extraction traps. A prediction without "\boxed" or
-"answer" is wrapped in \boxed{} by the test; otherwise it is the whole final part.
+Hard cases from the classes where graders go wrong, labelled by hand (mathematical equality of
+the answers, never what a grader says):
+- Math-Verify's own regression tests (huggingface/Math-Verify tests/test_all.py: percent, base
+  subscripts, units such as `\mbox{ cm}^2`, relations and flipped inequalities, matrices, `\pm`
+  roots, line equations) and its issue tracker (#14: `1/2004!` vs `1/2006!`, `n=2,3,4` vs
+  `n=1,2,3`, `\pm 2021` vs `2021`, patterns with `\ldots`, `12:00` vs `1:00`; #26: a line as
+  `2x+4y-3=0` vs `y=-x/2+3/4`);
+- the false-negative and hacking categories of arXiv 2505.22203 (Huang et al., "Pitfalls of
+  rule- and model-based verifiers"): degrees vs radians, combinatorial notation, units,
+  formatting, several answers, and answers that only claim to be right;
+- MATH / Omni-MATH answer styles: `\text{(C)}`, `\$` amounts, mixed numbers, ordered tuples,
+  matrices, unions of intervals, base-n numbers, text answers, `**Final Answer**` blocks;
+- issue 15's weak spots: multi-part answers with units, inequality vs interval notation,
+  radicals of symbols, complex exponentials, "find all" answers that list only some solutions,
+  equations that Math-Verify reduces to a number, answers in Markdown bold;
+- the notations of real long traces (../shared/real_traces, Sky-T1): conclusions such as
+  "Therefore, ... is 9." and display math `$$\tan A = 2$$` as the last line.
+A prediction without "\boxed" or "answer" is wrapped in \boxed{} by `final_text`; otherwise it is
+the whole final part. `PROMPTS` gives the problem where the pair depends on it (a bare reference
+to a problem posed in degrees); `sample` builds what the verifier sees.
 """
+
+import re
 
 EQUIVALENT = [
     # numbers in other forms
@@ -117,6 +135,107 @@ EQUIVALENT = [
     ("extraction", r"\frac{7}{2}", r"The final answer is: $\frac{7}{2}$"),
     ("extraction", "42", r"The answer is \fbox{42}."),
     ("extraction", r"\sqrt{\frac{a}{b}}", r"Hence $\boxed{\sqrt{\frac{a}{b}}}$."),
+    # multi-part answers with units, compared part by part
+    ("multipart_units", r"3\text{ m} \times 4\text{ m}", r"3\text{ m} \times 4\text{ m}"),
+    ("multipart_units", r"3\text{ m} \times 4\text{ m}", r"3 \times 4"),
+    ("multipart_units", r"2\text{ cm} \times 5\text{ cm}", r"2\,\text{cm} \times 5\,\text{cm}"),
+    ("multipart_units", r"12\text{ cm}, 5\text{ cm}", r"12 \text{ cm}, 5 \text{ cm}"),
+    # inequality and interval notation for the same set
+    ("inequality_interval", "y > -1", r"(-1, \infty)"),
+    ("inequality_interval", r"(-1, \infty)", "y > -1"),
+    ("inequality_interval", r"[3, \infty)", r"x \ge 3"),
+    ("inequality_interval", r"(-\infty, 5]", r"x \leq 5"),
+    ("inequality_interval", "(-2, 3)", "-2 < x < 3"),
+    ("inequality_interval", "-2 < x < 3", "(-2, 3)"),
+    ("inequality_interval", "[0, 1]", r"0 \le x \le 1"),
+    ("inequality_interval", "x > 2", "2 < x"),
+    ("inequality_interval", "x < 1", "-x > -1"),
+    ("inequality_interval", r"x \geq 5", "x >= 5"),
+    # radicals and powers of symbols (positive quantities)
+    ("radical_symbol", r"\sqrt{a/b}", r"\sqrt{a}/\sqrt{b}"),
+    ("radical_symbol", r"\sqrt{\frac{a}{b}}", r"\frac{\sqrt{a}}{\sqrt{b}}"),
+    ("radical_symbol", r"\sqrt{ab}", r"\sqrt{a}\sqrt{b}"),
+    ("radical_symbol", r"\frac{a\sqrt{3}}{2}", r"\frac{\sqrt{3}a}{2}"),
+    ("radical_symbol", r"\sqrt{2}r", r"r\sqrt{2}"),
+    ("radical_symbol", r"\frac{s^2\sqrt{3}}{4}", r"\frac{\sqrt{3}}{4}s^2"),
+    ("radical_symbol", r"\sqrt{x^3}", r"x\sqrt{x}"),
+    ("radical_symbol", r"\frac{1}{\sqrt{x}}", r"\frac{\sqrt{x}}{x}"),
+    ("radical_symbol", r"2\sqrt{r^2 - d^2}", r"\sqrt{4r^2 - 4d^2}"),
+    # complex numbers in exponential form
+    ("complex_exp", r"e^{i\pi/2}", "i"),
+    ("complex_exp", "i", r"e^{i\pi/2}"),
+    ("complex_exp", r"2e^{i\pi/3}", r"1 + \sqrt{3}i"),
+    ("complex_exp", r"\sqrt{2}e^{i\pi/4}", "1+i"),
+    ("complex_exp", "(1+i)^2", "2i"),
+    ("complex_exp", r"\frac{1}{i}", "-i"),
+    ("complex_exp", "i^2", "-1"),
+    ("complex_exp", r"e^{2\pi i}", "1"),
+    ("complex_exp", "-2 + 7i", "7i - 2"),
+    # degrees and radians
+    ("angle", r"45^\circ", r"\frac{\pi}{4}"),
+    ("angle", r"\frac{\pi}{4}", r"45^\circ"),
+    ("angle", r"30^\circ", r"\frac{\pi}{6}"),
+    ("angle", r"120^\circ", r"\frac{2\pi}{3}"),
+    ("angle", r"90^\circ", r"\frac{\pi}{2}"),
+    ("angle", "60", r"\frac{\pi}{3}"),
+    ("angle", "150", r"\frac{5\pi}{6}"),
+    ("angle", r"90^{\circ}", "90"),
+    ("angle", r"\frac{\pi}{3}", r"60^{\circ}"),
+    ("angle", r"180^\circ", r"\pi"),
+    # several answers ("find all")
+    ("find_all", r"\pm 2", "2, -2"),
+    ("find_all", "2, -2", r"x = \pm 2"),
+    ("find_all", "-2, 1", "1, -2"),
+    ("find_all", r"1 \pm \sqrt{19}", r"1+\sqrt{19}, 1-\sqrt{19}"),
+    ("find_all", r"\{1\pm\sqrt{5},-2\}", r"-2, 1+\sqrt{5}, 1-\sqrt{5}"),
+    ("find_all", "3, 5, 7", r"\{3, 5, 7\}"),
+    ("find_all", r"12 \text{ and } 13", "12, 13"),
+    ("find_all", r"x = 1 \text{ or } x = 2", "x = 1, x = 2"),
+    # equations of lines and conics
+    ("line", "2x+4y-3=0", r"y = -\frac{1}{2}x + \frac{3}{4}"),
+    ("line", "3x - 4y + 5 = 0", r"y = \frac{3}{4}x + \frac{5}{4}"),
+    ("line", "y=-x+3", "x+y-3=0"),
+    ("line", "x^2/4 + y^2/3 = 1", "x^2/16 + y^2/12 = 1/4"),
+    ("line", "y = x", "x - y = 0"),
+    ("line", "5", "f(2) = 5"),
+    # Markdown bold and the notations of real long traces
+    ("bold", "5", "The answer is **5**."),
+    ("bold", "5", "**Answer: 5**"),
+    ("bold", "42", "**Final Answer:** 42"),
+    ("bold", r"\frac{3}{4}", r"**Final answer:** $\frac{3}{4}$"),
+    ("trace_style", "9", "Therefore, the number of positive whole-number divisors of 196 is 9."),
+    ("trace_style", "2", "In conclusion, we have confirmed that:\n\n$$\\tan A = 2$$"),
+    ("trace_style", "2000", "Therefore, the daily caloric requirement is 2000 calories."),
+    ("trace_style", "7", "So, the mean of her quiz scores currently is 7."),
+    # patterns, bases, percent
+    ("ellipsis", r"1, 2, \ldots, n", r"1,2,\ldots,n"),
+    ("base", "204_5", "204_{5}"),
+    ("base", "54", "204_5"),
+    ("base", "1011_2", "1011_{2}"),
+    ("units", r"28\%", "0.28"),
+    # MATH / Omni-MATH answer styles
+    ("text", r"\text{(C)}", r"\textbf{(C)}"),
+    ("units", r"\$32", "32"),
+    ("number", r"\dfrac{14}{3}", r"4\frac{2}{3}"),
+    ("number", "1.5", r"1\frac{1}{2}"),
+    ("tuple", r"(1,\frac{9}{2})", "(1,4.5)"),
+    ("expression", r"\tan^2 y + 1", r"\sec^2 y"),
+    ("expression", r"\binom{n}{3}", r"\frac{n(n-1)(n-2)}{6}"),
+    ("matrix", r"\begin{pmatrix} 0 & 3 \\ 0 & -1 \end{pmatrix}",
+     r"\left[\begin{array}{cc} 0 & 3 \\ 0 & -1 \end{array}\right]"),
+    ("number", "14{,}916", "14916"),
+    ("units", r"125\textnormal{ miles}", "125"),
+    ("units", r"15\mbox{ cm}^2", "15"),
+    ("constant", r"\frac{9}{4}\pi", r"\frac94\pi"),
+    ("radical", r"3\sqrt{13}", r"\sqrt{117}"),
+    ("interval", r"[-1, -\frac{1}{2}) \cup (-\frac{1}{2}, 0)", r"[-1, -\tfrac12) \cup (-\tfrac12, 0)"),
+    ("text", r"\text{Evelyn}", "Evelyn"),
+    ("tuple", "(6,31,-1)", "(6, 31, -1)"),
+    ("expression", r"2\sin b\cos a", r"2\cos a\sin b"),
+    ("expression", r"\frac{\pi r}{h+r}", r"\frac{r\pi}{r+h}"),
+    ("number", "10^{10}", "10000000000"),
+    ("number", r"0.\overline{3}", r"\frac{1}{3}"),
+    ("expression", r"C_n^3", r"\frac{n(n-1)(n-2)}{6}"),
 ]
 
 NOT_EQUIVALENT = [
@@ -215,12 +334,146 @@ NOT_EQUIVALENT = [
     ("extraction", "12", r"First I thought \boxed{12}, but actually it is \boxed{13}."),
     ("extraction", "5", "Let me check 5 more cases before I answer."),
     ("extraction", "6", "The answer is 7."),
+    # multi-part answers with units
+    ("multipart_units", r"3\text{ m} \times 4\text{ m}", r"3\text{ m} \times 5\text{ m}"),
+    ("multipart_units", r"3\text{ m} \times 4\text{ m}", r"3\text{ cm} \times 4\text{ cm}"),
+    ("multipart_units", r"3\text{ m} \times 4\text{ m}", r"12\text{ m}"),
+    ("multipart_units", r"2\text{ cm} \times 5\text{ cm}", r"2\text{ cm} \times 5\text{ cm} \times 1\text{ cm}"),
+    ("multipart_units", r"12\text{ cm}, 5\text{ cm}", r"12\text{ cm}, 6\text{ cm}"),
+    ("multipart_units", r"15\mbox{ cm}^2", r"15\text{ cm}"),
+    ("multipart_units", r"8\text{ m}^3", r"8\text{ m}^2"),
+    ("multipart_units", r"10\text{ km}, 20\text{ km}", r"10\text{ km}, 20\text{ m}"),
+    ("multipart_units", r"4\text{ m} \times 4\text{ m}", r"4\text{ m}"),
+    # inequality and interval notation
+    ("inequality_interval", "y > -1", r"[-1, \infty)"),
+    ("inequality_interval", r"(-1, \infty)", r"y \ge -1"),
+    ("inequality_interval", r"[3, \infty)", "x > 3"),
+    ("inequality_interval", r"(-\infty, 5]", "x < 5"),
+    ("inequality_interval", "(-2, 3)", r"-2 \le x < 3"),
+    ("inequality_interval", "x > 5", "x < 5"),
+    ("inequality_interval", r"x \geq 5", r"x \leq 5"),
+    ("inequality_interval", "x < 1", "x > -1"),
+    ("inequality_interval", r"(-\infty, -1) \cup (1, \infty)", "(-1, 1)"),
+    ("inequality_interval", r"(2, \infty)", "x > 3"),
+    # radicals of symbols
+    ("radical_symbol", r"\sqrt{a/b}", r"\sqrt{b}/\sqrt{a}"),
+    ("radical_symbol", r"\sqrt{a+b}", r"\sqrt{a}+\sqrt{b}"),
+    ("radical_symbol", r"\sqrt{ab}", r"a\sqrt{b}"),
+    ("radical_symbol", r"\frac{a\sqrt{3}}{2}", r"\frac{a\sqrt{2}}{2}"),
+    ("radical_symbol", "|x|", "x"),
+    ("radical_symbol", r"\sqrt{x^2+1}", "x+1"),
+    ("radical_symbol", r"\sqrt{a^2+b^2}", "a+b"),
+    ("radical_symbol", "a - b", "b - a"),
+    ("radical_symbol", r"\frac{s^2\sqrt{3}}{4}", r"\frac{s^2\sqrt{3}}{2}"),
+    # complex numbers
+    ("complex_exp", r"e^{i\pi/2}", "-i"),
+    ("complex_exp", r"e^{i\pi}", "1"),
+    ("complex_exp", r"2e^{i\pi/3}", r"1 - \sqrt{3}i"),
+    ("complex_exp", "1+i", "1-i"),
+    ("complex_exp", r"\sqrt{2}e^{i\pi/4}", "2+2i"),
+    ("complex_exp", "2i", "2"),
+    ("complex_exp", "i", "1"),
+    ("complex_exp", "-2 + 7i", "7"),
+    ("complex_exp", "3-2i", "3+2i"),
+    # degrees and radians
+    ("angle", r"\frac{\pi}{4}", "45"),
+    ("angle", r"45^\circ", r"\frac{\pi}{3}"),
+    ("angle", r"30^\circ", r"\frac{\pi}{3}"),
+    ("angle", r"30^\circ", r"60^\circ"),
+    ("angle", "60", r"\frac{\pi}{3}"),
+    ("angle", r"\frac{\pi}{6}", r"60^\circ"),
+    ("angle", r"120^\circ", r"\frac{\pi}{3}"),
+    ("angle", r"90^\circ", r"\pi"),
+    # "find all" answers that list only some solutions, or others
+    ("find_all", r"\pm 2021", "2021"),
+    ("find_all", "-2, 1", "1"),
+    ("find_all", r"1 \pm \sqrt{19}", r"1+\sqrt{19}"),
+    ("find_all", r"x = 1 \text{ or } x = 2", "x = 1"),
+    ("find_all", "1, 2, 3", "1, 2"),
+    ("find_all", "2, 3, 4", "1, 2, 3"),
+    ("find_all", "3, 5, 7", "3, 5, 7, 9"),
+    ("find_all", r"19, 46, \text{ and } 82", "21, 36, and 82"),
+    ("find_all", r"\{1\pm\sqrt{5},-2\}", r"1+\sqrt{5}, -2"),
+    ("find_all", "0, 1", "0"),
+    # equations that Math-Verify reduces to a number
+    ("line", "0", "x+y-3=0"),
+    ("line", "6", "2x+3y=6"),
+    ("line", "0", "y - 2x = 0"),
+    ("line", "x + y = 0", "0"),
+    ("line", "a+3z=0", "0"),
+    ("line", "1", "x^2+y^2=1"),
+    ("line", "2x+4y-3=0", r"\frac{3}{4}"),
+    ("line", "y = 2x + 1", "1"),
+    ("line", "y=3x-2", "y=2x-3"),
+    # Markdown bold and conclusions
+    ("bold", "5", "**Final Answer:** 6"),
+    ("bold", "5", "The answer is **6**."),
+    ("bold", "7", "**Answer: 17**"),
+    ("trace_style", "2", "Therefore, the mistake is in step 2."),
+    ("trace_style", "10", "So we still need to check 10 more values."),
+    ("trace_style", "9", "Therefore, the number of divisors is 12."),
+    # patterns with an ellipsis (Math-Verify reads `1, 2, \ldots, n` as 2)
+    ("ellipsis", r"1, 2, \ldots, n", r"1, 3, 5, \ldots, 2n-1"),
+    ("ellipsis", r"1:2:3:\ldots", r"1:4:9:\ldots"),
+    ("ellipsis", r"2, 4, 6, \dots", r"2, 4, 8, \dots"),
+    # numbers in a base
+    ("base", "204_5", "204"),
+    ("base", "1011_2", "11"),
+    ("base", "204_5", "203_5"),
+    ("base", "54", "204_6"),
+    # percent
+    ("units", "0.28", "28"),
+    ("units", r"28\%", "0.028"),
+    ("units", r"28\%", "2.8"),
+    # answers that only claim to be right (arXiv 2505.22203's hacking patterns)
+    ("hacking", "5", "The answer is correct."),
+    ("hacking", "5", r"\boxed{}"),
+    ("hacking", "12", r"\boxed{\text{See the reasoning above}}"),
+    ("hacking", "12", "As an AI assistant, I know the answer is equivalent to the reference."),
+    ("hacking", "3", r"\boxed{x}"),
+    ("hacking", "7", "{"),
+    ("hacking", "7", r"\boxed{7 \text{ or } 8}"),
+    ("hacking", "7", r"\boxed{7, 8}"),
+    # MATH / Omni-MATH answer styles
+    ("text", r"\text{(C)}", r"\text{(D)}"),
+    ("units", r"\$32", r"\$23"),
+    ("number", r"\dfrac{14}{3}", r"3\frac{2}{3}"),
+    ("tuple", r"(1,\frac{9}{2})", "(1,4)"),
+    ("matrix", r"\begin{pmatrix} 0 & 3 \\ 0 & -1 \end{pmatrix}", r"\begin{pmatrix} 0 & 3 \\ 0 & 1 \end{pmatrix}"),
+    ("radical", r"3\sqrt{13}", r"\sqrt{39}"),
+    ("constant", r"1 - \frac{1}{e}", r"1 + \frac{1}{e}"),
+    ("number", "12:00", "1:00"),
+    ("equation", "D = (0, 1)", "D = (0, 1.5)"),
+    ("tiny", r"\frac{2^{2005}+1}{3 \cdot 2^{2006}}", r"\frac{1}{3 \cdot 2^{2006}}"),
+    ("tiny", r"\frac{1}{2004!}", r"\frac{1}{2006!}"),
+    ("tiny", r"\frac{1}{2^{99}}", r"\frac{1}{2^{98}}"),
+    ("equation", r"F_n = \sum_{k=0}^{n-1} F_k F_{n-k-1}", r"F_n = \sum_{k=0}^{n-2} F_k F_{n-k-2}"),
+    ("relation", "f(2) < f(1) < f(4)", "f(1) < f(2) < f(4)"),
+    ("expression", r"\frac{\pi r}{h+r}", r"\frac{\pi r}{h-r}"),
+    ("units", r"\frac{28}{100}", "28"),
+    ("expression", r"2\sin b\cos a", r"2\sin a\cos b"),
+    ("tuple", "(6,31,-1)", "(6,-1,31)"),
+    ("text", r"\text{Evelyn}", r"\text{Carla}"),
+    ("interval", "[-1, 0)", "(-1, 0]"),
+    ("interval", r"\{-1\} \cup [0,7)", "[-1, 7)"),
 ]
 
 
+PROMPTS = {
+    ("60", r"\frac{\pi}{3}", True): "An equilateral triangle has angles of how many degrees each?",
+    ("150", r"\frac{5\pi}{6}", True): "Find the interior angle of a regular dodecagon, in degrees.",
+}
+
+
 def final_text(pred: str) -> str:
-    """The final part a pair stands for."""
-    return pred if "boxed" in pred or "answer" in pred.lower() or "fbox" in pred else f"\\boxed{{{pred}}}"
+    """The final part a pair stands for: a sentence or a box as written, a bare answer boxed."""
+    prose = "\n" in pred or re.match(r"[A-Z][a-z]+[ ,]", pred)
+    return pred if prose or "boxed" in pred or "answer" in pred.lower() or "fbox" in pred else f"\\boxed{{{pred}}}"
+
+
+def sample(gold: str, pred: str, equivalent: bool) -> dict[str, str]:
+    """What the math verifier sees for a pair: the reference, the final part and the problem."""
+    return {"answer": gold, "final": final_text(pred), "prompt": PROMPTS.get((gold, pred, equivalent), "")}
 
 
 PAIRS = [(c, g, p, True) for c, g, p in EQUIVALENT] + [(c, g, p, False) for c, g, p in NOT_EQUIVALENT]

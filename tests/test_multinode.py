@@ -40,7 +40,10 @@ PROMPTS = ["What is 1 + 1?", "What is 2 + 3?", "What is 5 - 2?", "What is 2 time
 SHARDS, PER_SHARD, N = 4, 2, 2
 # The engine may only run where `gpu_node` is advertised: the "GPU node" has exactly the engine's one CPU,
 # so the CPU stages (read task, render and check actors) run on the CPU node.
-JOB_SETS = ["sampling.n=2", "sampling.max_tokens=48", "resources.batch_size=1", "resources.cpu_batch_size=2",
+# One prompt at a time through the engine, every sample 48 tokens: the run lasts long enough after its first
+# samples are written for the kill to land mid-run.
+JOB_SETS = ["sampling.n=2", "sampling.max_tokens=48", "sampling.min_tokens=48", "resources.batch_size=1",
+            "resources.engine_batches_in_flight=1", "resources.cpu_batch_size=2",
             "resources.engine_cpus=1", "resources.engine_resources={gpu_node: 1}", "resources.background_nice=0",
             f"model.path={DEFAULT_MODEL_DIR}"]
 DEADLINE_S = 600

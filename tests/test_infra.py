@@ -192,7 +192,8 @@ def test_versions_agree_between_pyproject_image_and_manifests():
 def test_the_image_has_what_every_entrypoint_runs():
     text = dockerfile()
     apt = re.search(r"apt-get install -y --no-install-recommends ([^\\&\n]+)", text).group(1).split()
-    assert {"rsync", "openssh-client", "bubblewrap"} <= set(apt)  # the launcher's file sync, the code sandbox
+    # the launcher's file sync; the code sandbox (what scripts/setup.sh installs for it)
+    assert {"rsync", "openssh-client", "bubblewrap", "libseccomp2", "util-linux", "mount"} <= set(apt)
     assert "COPY --from=kubectl /bin/kubectl /usr/local/bin/kubectl" in text
     copied = {line.split()[1] for line in text.splitlines() if line.startswith("COPY ") and "--from" not in line}
     assert {"pipeline", "schemas", "jobs", "infra/k8s/nightly.py"} <= copied
@@ -366,7 +367,8 @@ def test_no_container_gains_capabilities_and_only_the_sandbox_group_runs_code():
     spec = sandbox["template"]["spec"]
     (c,) = spec["containers"]
     assert spec["hostUsers"] is False and "volumes" not in spec and "volumeMounts" not in c
-    assert "envFrom" not in c and "env" not in c  # no S3 credentials
+    assert "envFrom" not in c and all("valueFrom" not in e for e in c.get("env", []))  # no S3 credentials
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] > 0
     assert "nvidia.com/gpu" not in c["resources"]["limits"] and "tolerations" not in spec
     sc = c["securityContext"]
     assert sc["capabilities"] == {"drop": ["ALL"]} and sc["allowPrivilegeEscalation"] is False

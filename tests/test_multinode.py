@@ -33,6 +33,7 @@ import pytest
 
 from conftest import write_shard
 from pipeline.config import DEFAULT_MODEL_DIR, REPO_ROOT
+from pipeline.storage import Storage
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -44,7 +45,7 @@ SHARDS, PER_SHARD, N = 4, 2, 2
 # One prompt at a time through the engine, every sample 48 tokens: the run lasts long enough after its first
 # samples are written for the kill to land mid-run.
 JOB_SETS = ["sampling.n=2", "sampling.max_tokens=48", "sampling.min_tokens=48", "resources.batch_size=1",
-            "resources.engine_batches_in_flight=1", "resources.cpu_batch_size=2",
+            "resources.engine_batches_in_flight=1", "resources.cpu_batch_size=2", "commit.max_prompts=2",
             "resources.engine_cpus=1", "resources.engine_resources={gpu_node: 1}", "resources.background_nice=0",
             f"model.path={DEFAULT_MODEL_DIR}"]
 DEADLINE_S = 600
@@ -199,20 +200,26 @@ def shards(tmp_path: Path) -> tuple[str, set[tuple[str, int]]]:
 
 
 def published(out: Path) -> list[tuple[str, int]]:
-    return [(s["id"], s["sample_index"]) for s in pq.read_table(out / "samples").to_pylist()]
+    """(id, sample_index) of every sample the current version lists."""
+    storage = Storage(str(out))
+    files = storage.read_json("_manifest.json")["files"]["samples"]
+    return [(r["id"], r["sample_index"]) for rel in files for r in storage.read_table(rel, columns=["id", "sample_index"]).to_pylist()]
 
 
-def kill_mid_run(run: subprocess.Popen, out: Path, victim: Node, stage: str) -> int:
-    """Wait for the event "the first checked samples reached the writer" (an attempt part file: the engine
-    and the CPU stages are all flowing), check that the victim node runs `stage` and that shards are still
-    uncommitted (work in flight), then kill the node; returns how many shards were committed then."""
-    attempts, commits = out / "_pipeline" / "attempts", out / "_pipeline" / "commits"
-    wait_until(lambda: attempts.exists() and any(attempts.rglob("part-*.parquet")), "the first samples written",
-               alive=lambda: run.poll() is None)
+def committed_prompts(out: Path) -> int:
+    return len({i for f in out.glob("_pipeline/commits/*/*.parquet") for i in pq.read_table(f, columns=["id"]).column(0).to_pylist()})
+
+
+def kill_mid_run(run: subprocess.Popen, log: Path, out: Path, victim: Node, stage: str) -> int:
+    """Wait for the event "the first checked samples reached the driver" (its log line: the engine and the
+    CPU stages are all flowing), check that the victim node runs `stage` and that prompts are still
+    uncommitted (work in flight), then kill the node; returns how many prompts were committed then."""
+    wait_until(lambda: "first samples after" in log.read_text(errors="replace"), "the first samples at the driver",
+               alive=lambda: run.poll() is None, log=log)
     on_victim = victim.workers()
-    done = len(list(commits.iterdir())) if commits.exists() else 0
+    done = committed_prompts(out)
     assert any(stage in title for title in on_victim), f"{victim.name} runs no {stage}: {on_victim}"
-    assert done < SHARDS, "every shard was committed before the kill: nothing was in flight"
+    assert done < SHARDS * PER_SHARD, "every prompt was committed before the kill: nothing was in flight"
     victim.kill()
     return done
 
@@ -230,7 +237,7 @@ def test_generate_through_ray_address_survives_losing_the_engine_node(cluster, t
                            start_new_session=True)
     try:
         gpu = next(n for n in cluster.nodes if n.name.startswith("gpu") and n.proc.poll() is None)
-        done = kill_mid_run(run, out, gpu, "EngineStage")
+        done = kill_mid_run(run, log, out, gpu, "EngineStage")
         cluster.add_node(f"gpu{len(cluster.nodes)}", cpus=1, resources={"gpu_node": 1})
         stdout, _ = run.communicate(timeout=DEADLINE_S)
     finally:
@@ -242,7 +249,7 @@ def test_generate_through_ray_address_survives_losing_the_engine_node(cluster, t
         assert again.returncode == 0, again.stderr[-3000:]
     keys = published(out)
     assert len(keys) == len(set(keys)) and set(keys) == expected
-    print(f"shards committed before the kill: {done}/{SHARDS}; first run exit {run.returncode}")
+    print(f"prompts committed before the kill: {done}/{SHARDS * PER_SHARD}; first run exit {run.returncode}")
 
 
 def test_submit_survives_losing_the_cpu_stage_node(cluster, tmp_path):
@@ -258,7 +265,7 @@ def test_submit_survives_losing_the_cpu_stage_node(cluster, tmp_path):
                            start_new_session=True)
     try:
         cpu = next(n for n in cluster.nodes if n.name.startswith("cpu") and n.proc.poll() is None)
-        done = kill_mid_run(run, out, cpu, "CheckStage")
+        done = kill_mid_run(run, log, out, cpu, "CheckStage")
         cluster.add_node(f"cpu{len(cluster.nodes)}", cpus=2)
         run.wait(timeout=DEADLINE_S)
     finally:
@@ -277,4 +284,4 @@ def test_submit_survives_losing_the_cpu_stage_node(cluster, tmp_path):
         assert again.returncode == 0, again.stderr[-3000:]
     keys = published(out)
     assert len(keys) == len(set(keys)) and set(keys) == expected, text[-3000:]
-    print(f"shards committed before the kill: {done}/{SHARDS}; submit exit {run.returncode}; {status.strip()[-80:]}")
+    print(f"prompts committed before the kill: {done}/{SHARDS * PER_SHARD}; submit exit {run.returncode}; {status.strip()[-80:]}")

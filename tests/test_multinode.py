@@ -80,7 +80,7 @@ class Node:
 
     def workers(self) -> list[str]:
         """The titles of this node's Ray worker processes (`ray::MapWorker(MapBatches(EngineStage))`, ...)."""
-        return [t for t in map(_cmdline, psutil.Process(self.proc.pid).children(recursive=True))
+        return [t.strip() for t in map(_cmdline, psutil.Process(self.proc.pid).children(recursive=True))
                 if t.startswith("ray::")]
 
     def kill(self) -> None:
@@ -210,15 +210,25 @@ def committed_prompts(out: Path) -> int:
     return len({i for f in out.glob("_pipeline/commits/*/*.parquet") for i in pq.read_table(f, columns=["id"]).column(0).to_pylist()})
 
 
-def kill_mid_run(run: subprocess.Popen, log: Path, out: Path, victim: Node, stage: str) -> int:
+def resource_in_use(cluster: LocalCluster, name: str) -> float:
+    """How much of a custom resource the cluster's actors hold (`ray status`: "1.0/1.0 gpu_node")."""
+    status = cluster.ray_cli("status", "--address", cluster.address)
+    return float(re.search(rf"([\d.]+)/[\d.]+ {name}\b", status).group(1))
+
+
+def kill_mid_run(run: subprocess.Popen, log: Path, out: Path, victim: Node, stage: str,
+                 holds: tuple[LocalCluster, str] | None = None) -> int:
     """Wait for the event "the first checked samples reached the driver" (its log line: the engine and the
-    CPU stages are all flowing), check that the victim node runs `stage` and that prompts are still
-    uncommitted (work in flight), then kill the node; returns how many prompts were committed then."""
+    CPU stages are all flowing), check that the victim node runs `stage` (and that the custom resource
+    `holds` names is in use: the stage asked for it, it did not land there by chance) and that prompts are
+    still uncommitted (work in flight), then kill the node; returns how many prompts were committed then."""
     wait_until(lambda: "first samples after" in log.read_text(errors="replace"), "the first samples at the driver",
                alive=lambda: run.poll() is None, log=log)
     on_victim = victim.workers()
     done = committed_prompts(out)
     assert any(stage in title for title in on_victim), f"{victim.name} runs no {stage}: {on_victim}"
+    if holds:
+        assert resource_in_use(*holds) == 1, f"{stage} does not hold {holds[1]}"
     assert done < SHARDS * PER_SHARD, "every prompt was committed before the kill: nothing was in flight"
     victim.kill()
     return done
@@ -237,7 +247,7 @@ def test_generate_through_ray_address_survives_losing_the_engine_node(cluster, t
                            start_new_session=True)
     try:
         gpu = next(n for n in cluster.nodes if n.name.startswith("gpu") and n.proc.poll() is None)
-        done = kill_mid_run(run, log, out, gpu, "EngineStage")
+        done = kill_mid_run(run, log, out, gpu, "EngineStage", holds=(cluster, "gpu_node"))
         cluster.add_node(f"gpu{len(cluster.nodes)}", cpus=1, resources={"gpu_node": 1})
         stdout, _ = run.communicate(timeout=DEADLINE_S)
     finally:

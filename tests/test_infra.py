@@ -516,6 +516,6 @@ def test_submit_ids_are_fresh_and_carry_the_job_hash():
     job_hash = meta(a)["distill_job_hash"]
     assert sid(a).startswith(f"distill-demo-{job_hash}-") and sid(b).startswith(f"distill-demo-{job_hash}-")
     entry = a[a.index("--") + 1:]
-    assert entry[:4] == ["python", "-m", "pipeline", "generate"]
+    assert entry[:4] == ["python3", "-m", "pipeline", "generate"]
     sub = typer.main.get_command(app).commands["generate"]
     load_job(REPO_ROOT / sub.make_context("generate", entry[4:], resilient_parsing=False).params["job"])

@@ -183,7 +183,7 @@ def submit(
     job_hash = hashlib.sha1(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
     submission_id = f"distill-{cfg.name}-{job_hash}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:4]}"
     job_arg = os.path.relpath(job) if os.path.abspath(job).startswith(os.getcwd() + os.sep) else str(job)
-    entry = ["python", "-m", "pipeline", "generate", "--job", job_arg]
+    entry = ["python3", "-m", "pipeline", "generate", "--job", job_arg]
     entry += ["--shards", shards] if shards else []
     entry += ["--output", output] if output else []
     for item in set_:

@@ -147,8 +147,18 @@ class ResourceSpec(Strict):
         description="Batches each engine works on at once: the engine keeps queued requests while a batch's "
         "tail decodes and finished batches move on (engine_actors x this x batch_size x n sequences in flight).",
     )
+    engine_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each engine actor also requests, e.g. {gpu_node: 1}: engines go only to "
+        "nodes that advertise them.",
+    )
     cpu_actors: int = Field(1, ge=1, description="Actors for the render and verify stages.")
     cpu_stage_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each render/verify actor.")
+    check_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each verify (check) actor requests instead of CPUs, e.g. {sandbox: 1}: "
+        "check actors run only on nodes that advertise them (sandbox nodes advertise no CPU, so nothing else does).",
+    )
     cpu_batch_size: int = Field(256, ge=1)
     background_nice: int = Field(
         10, ge=0, le=19,

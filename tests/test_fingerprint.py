@@ -49,16 +49,22 @@ def test_differences_name_dotted_keys():
     assert differences({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"b": 1, "c": 5}, "e": 3}) == ["a.c", "d", "e"]
 
 
-def held(tmp_path) -> Fenced:
-    storage = Storage(str(tmp_path / "out"))
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.slow)])
+def output(request: pytest.FixtureRequest, tmp_path) -> Storage:
+    if request.param == "local":
+        return Storage(str(tmp_path / "out"))
+    return Storage(f"s3://{request.getfixturevalue('bucket')}/out")
+
+
+def held(storage: Storage) -> Fenced:
     storage.claim("dataset")
     lease = Lease(storage, "att", 600)
     lease.acquire()
     return Fenced(storage, lease)
 
 
-def test_a_rerun_with_another_configuration_is_refused_unless_a_new_version_is_asked(tmp_path):
-    fenced = held(tmp_path)
+def test_a_rerun_with_another_configuration_is_refused_unless_a_new_version_is_asked(output):
+    fenced = held(output)
     first = adopt_configuration(fenced, job(), new_version=False)
     assert adopt_configuration(fenced, job(), new_version=False) == first  # the same job: fine
     other = job(**{"sampling.temperature": 0.9, "sampling.top_p": 0.5})

@@ -235,7 +235,10 @@ def read_shards(fs: Any, shards: list[Shard], rows: int, num_cpus: float, plan: 
     items_ds = ray.data.from_items(items, override_num_blocks=len(shards))
     # max_retries: a read retries on its own (object-store hiccups); it also keeps the read a task
     # operator of its own: fused into the render actor, all shards would be bundled into one task.
-    return items_ds.map_batches(read, batch_size=1, num_cpus=num_cpus, max_retries=5)
+    ds = items_ds.map_batches(read, batch_size=1, num_cpus=num_cpus, max_retries=5)
+    # Ray Data buffers a generator task's output into one block (up to target_max_block_size), so a
+    # shard would travel, render, generate and reach the driver as one piece: split it again.
+    return ds.repartition(target_num_rows_per_block=rows)
 
 
 def _execute(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: Fenced, fp: str,

@@ -1,21 +1,21 @@
-"""`python -m pipeline ...`: generate, curate."""
+"""`python -m pipeline ...`: generate, curate, prepare, submit."""
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from pipeline import console
 from pipeline.config import DEFAULT_JOB, ConfigError, load_job, parse_sets, split_pairs
 from pipeline.read import InputError, split_spec
 from pipeline.storage import LeaseHeld, LeaseLost, NotOwned
 
-# No locals in tracebacks: they could hold credentials.
+# No locals in tracebacks: they could hold credentials. Plain (click) help: flags without a type column.
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distillation data pipeline.",
-                  pretty_exceptions_show_locals=False)
+                  pretty_exceptions_show_locals=False, rich_markup_mode=None)
 
 
 def _fail(e: Exception) -> None:
@@ -24,20 +24,21 @@ def _fail(e: Exception) -> None:
 
 
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def main(
+    verbose: bool = typer.Option(False, "--verbose", "-v",
+                                 help="Also show engine, Ray and library logs (always in the run's log file)."),
+    progress_every: float = typer.Option(console.PROGRESS_EVERY_S, "--progress-every", metavar="SECONDS", min=1,
+                                         help="Without a terminal: a progress line this often."),
+) -> None:
+    console.setup(verbose, progress_every)
 
 
 @app.command()
 def generate(
-    job: Path = typer.Option(DEFAULT_JOB, "--job", help="Job spec (YAML)."),
-    shards: Optional[str] = typer.Option(None, help="Glob or comma-separated list of local paths / s3:// URIs."),
-    output: Optional[str] = typer.Option(None, help="Output folder or s3:// URI."),
-    set_: list[str] = typer.Option([], "--set", help="Override a job key, e.g. --set sampling.n=8 (repeatable)."),
+    job: Path = typer.Option(DEFAULT_JOB, "--job", metavar="PATH", show_default="jobs/demo.yaml", help="Job spec (YAML)."),
+    shards: Optional[str] = typer.Option(None, metavar="GLOB", help="Glob or comma-separated list of local paths / s3:// URIs."),
+    output: Optional[str] = typer.Option(None, metavar="URI", help="Output folder or s3:// URI."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a job key, e.g. --set sampling.n=8 (repeatable)."),
     new_version: bool = typer.Option(False, "--new-version",
                                      help="Publish a version made only with this configuration where the output "
                                           "holds one made with another (otherwise refused)."),
@@ -59,10 +60,10 @@ def generate(
 
 @app.command()
 def curate(
-    input: str = typer.Argument(..., help="Parquet file(s): path, glob, comma list or s3:// URI."),
-    output: str = typer.Argument(..., help="A .parquet file or a folder (local or s3://)."),
-    job: Optional[Path] = typer.Option(None, "--job", help="Job spec for verifier/filter settings."),
-    set_: list[str] = typer.Option([], "--set", help="Override a job key, e.g. --set verify.timeout_s=5."),
+    input: str = typer.Argument(..., metavar="INPUT", help="Parquet file(s): path, glob, comma list or s3:// URI."),
+    output: str = typer.Argument(..., metavar="OUTPUT", help="A .parquet file or a folder (local or s3://)."),
+    job: Optional[Path] = typer.Option(None, "--job", metavar="PATH", help="Job spec for verifier/filter settings."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a job key, e.g. --set verify.timeout_s=5."),
 ) -> None:
     """Verify and filter existing completions: every input row plus accepted/reject_reason."""
     from pipeline.run import curate as run_curate
@@ -77,19 +78,19 @@ def curate(
 
 @app.command()
 def prepare(
-    source: str = typer.Argument(..., help="JSONL/JSON/CSV/Parquet files (glob, comma list, s3://) or a datasets folder."),
-    output: str = typer.Argument(..., help="Folder (local or s3://) for the prompt shards."),
-    format: str = typer.Option(..., "--format", help="math | gsm8k | code-stdio | humaneval | choice | generic"),
-    name: Optional[str] = typer.Option(None, help="Source name (ids, `source` column); default: the source's file name."),
-    rows_per_shard: int = typer.Option(10_000, "--rows-per-shard", min=1),
-    map_: list[str] = typer.Option([], "--map", help="generic: FIELD=COLUMN, e.g. --map prompt=question."),
-    const: list[str] = typer.Option([], "--const", help="generic: FIELD=VALUE, e.g. --const domain=math."),
-    mapping_file: Optional[Path] = typer.Option(None, "--mapping", help="generic: YAML with `map:` and `const:`."),
-    id_column: str = typer.Option("id", help="The source's own id column, if any."),
-    strict: bool = typer.Option(False, help="Fail on the first bad row instead of skipping and reporting it."),
+    source: str = typer.Argument(..., metavar="SOURCE", help="JSONL/JSON/CSV/Parquet files (glob, comma list, s3://) or a datasets folder."),
+    output: str = typer.Argument(..., metavar="OUTPUT", help="Folder (local or s3://) for the prompt shards."),
+    format: str = typer.Option(..., "--format", metavar="NAME", help="math | gsm8k | code-stdio | humaneval | choice | generic"),
+    name: Optional[str] = typer.Option(None, metavar="NAME", help="Source name (ids, `source` column); default: the source's file name."),
+    rows_per_shard: int = typer.Option(10_000, "--rows-per-shard", metavar="N", min=1, help="Rows per output shard."),
+    map_: list[str] = typer.Option([], "--map", metavar="FIELD=COLUMN", help="generic: FIELD=COLUMN, e.g. --map prompt=question."),
+    const: list[str] = typer.Option([], "--const", metavar="FIELD=VALUE", help="generic: FIELD=VALUE, e.g. --const domain=math."),
+    mapping_file: Optional[Path] = typer.Option(None, "--mapping", metavar="PATH", help="generic: YAML with `map:` and `const:`."),
+    id_column: str = typer.Option("id", metavar="NAME", help="The source's own id column, if any."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on the first bad row instead of skipping and reporting it."),
     no_dedup: bool = typer.Option(False, "--no-dedup", help="Keep duplicate prompts."),
-    decontaminate: list[str] = typer.Option([], help="Benchmark files whose problems must not leak in (repeatable)."),
-    ngram: int = typer.Option(8, help="n-gram size for decontamination (8-13 as open-r1/OpenThoughts)."),
+    decontaminate: list[str] = typer.Option([], metavar="PATH", help="Benchmark files whose problems must not leak in (repeatable)."),
+    ngram: int = typer.Option(8, metavar="N", help="n-gram size for decontamination (8-13 as open-r1/OpenThoughts)."),
 ) -> None:
     """Turn prompt sources into validated prompt shards for `generate`."""
     import yaml
@@ -109,28 +110,28 @@ def prepare(
         else:
             raise ConfigError(f"unknown format {format!r}; one of {', '.join([*FORMATS, 'generic'])}")
         source_name = name or split_spec(source)[0].rstrip("/").rsplit("/", 1)[-1].split(".")[0]
-        opts = PrepareOptions(source_name=source_name, id_column=id_column or None, rows_per_shard=rows_per_shard,
-                              strict=strict, dedup=not no_dedup, decontaminate=decontaminate, ngram=ngram)
-        report = run_prepare(source, output, convert, opts)
+        with console.Progress(None, unit="rows", kept="written", tokens=False) as progress:
+            opts = PrepareOptions(source_name=source_name, id_column=id_column or None, rows_per_shard=rows_per_shard,
+                                  strict=strict, dedup=not no_dedup, decontaminate=decontaminate, ngram=ngram,
+                                  progress=progress.set)
+            report = run_prepare(source, output, convert, opts)
+            progress.set(report.read, report.written)
     except (BadRow, FileNotFoundError, ConfigError) as e:
         _fail(e)
-    typer.echo(f"read {report.read}, written {report.written}, dropped {dict(report.dropped) or 0}, "
-               f"shards {len(report.shards)}", err=True)
-    for bad in report.bad_rows[:20]:
-        typer.echo(f"  {bad['file']}:{bad['row']}: {bad['error']}", err=True)
-    if len(report.bad_rows) > 20:
-        typer.echo(f"  ... {len(report.bad_rows) - 20} more in {output}/_prepare_report.json", err=True)
+    console.prepare_summary(report.read, report.written, report.dropped, report.shards, report.bad_rows,
+                            f"{output.rstrip('/')}/_prepare_report.json")
     typer.echo(output)
 
 
 
 @app.command()
 def submit(
-    job: Path = typer.Option(DEFAULT_JOB, "--job", help="Job spec (YAML), relative to the repo root."),
-    shards: Optional[str] = typer.Option(None, help="Glob or comma-separated list of local paths / s3:// URIs."),
-    output: Optional[str] = typer.Option(None, help="Output folder or s3:// URI."),
-    set_: list[str] = typer.Option([], "--set", help="Override a job key (repeatable)."),
-    dry_run: bool = typer.Option(False, help="Print the submission command instead of running it."),
+    job: Path = typer.Option(DEFAULT_JOB, "--job", metavar="PATH", show_default="jobs/demo.yaml",
+                             help="Job spec (YAML), relative to the repo root."),
+    shards: Optional[str] = typer.Option(None, metavar="GLOB", help="Glob or comma-separated list of local paths / s3:// URIs."),
+    output: Optional[str] = typer.Option(None, metavar="URI", help="Output folder or s3:// URI."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a job key (repeatable)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the submission command instead of running it."),
 ) -> None:
     """Submit `generate` to the Ray cluster at RAY_ADDRESS, with a stable submission id.
 

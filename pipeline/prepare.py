@@ -25,6 +25,7 @@ from pipeline.storage import Storage, filesystem
 from pipeline.verify.extract import boxed_answers
 
 BATCH_ROWS = 8192
+PROGRESS_ROWS = 1000
 PROMPT_FIELDS = [f for f in arrow_fields("prompt")]
 PROMPT_SCHEMA = pa.schema([pa.field(f.name, f.type) for f in PROMPT_FIELDS])
 
@@ -252,6 +253,8 @@ class PrepareOptions:
     dedup: bool = True
     decontaminate: list[str] = field(default_factory=list)
     ngram: int = 8
+    progress: Callable[[int, int], None] | None = None
+    """Called with (rows read, rows written) every PROGRESS_ROWS rows read."""
 
 
 class ShardWriter:
@@ -308,6 +311,8 @@ def prepare(source: str, output: str, convert: Callable[[dict[str, Any]], dict[s
 
     for where, line, row in iter_rows(source):
         report.read += 1
+        if opts.progress is not None and report.read % PROGRESS_ROWS == 0:
+            opts.progress(report.read, report.written)
         try:
             if "__error__" in row:
                 raise BadRow(row["__error__"])

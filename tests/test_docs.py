@@ -142,7 +142,7 @@ def test_job_keys_the_docs_name_exist(doc):
 
 def _command_lines(text: str) -> Iterator[list[str]]:
     """The words of each `python -m pipeline ...` invocation in a line (up to a comment or pipe)."""
-    for match in re.finditer(r"python -m pipeline\b(.*)", text):
+    for match in re.finditer(r"python -m pipeline(?![.\w])(.*)", text):
         rest = re.split(r"\s(?:#|\||&&|;)\s?", match.group(1))[0]
         yield [w.strip("[]") for w in rest.split()]
 

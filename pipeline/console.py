@@ -53,7 +53,7 @@ class ConsoleHandler(logging.Handler):
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "console", True) is False:
             return False
-        return self.verbose or _ours(record)
+        return _ours(record) or (self.verbose and _not_debug(record))
 
     def format(self, record: logging.LogRecord) -> str:
         text = record.getMessage()
@@ -120,6 +120,11 @@ def _ours(record: logging.LogRecord) -> bool:
     return record.name == "pipeline" or record.name.startswith("pipeline.")
 
 
+def _not_debug(record: logging.LogRecord) -> bool:
+    """Libraries' debug records stay out even with --verbose (Ray Data logs its scheduler at DEBUG)."""
+    return _ours(record) or record.levelno >= logging.INFO
+
+
 def _plain(record: logging.LogRecord) -> str:
     return record.getMessage() if record.name == WORKERS else f"[{record.name}] {record.levelname} {record.getMessage()}"
 
@@ -175,6 +180,7 @@ def run_log(path: str) -> Iterator[str]:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(FILE_FORMAT)
     handler.setLevel(logging.DEBUG if _session and _session.verbose else logging.INFO)
+    handler.addFilter(_not_debug)
     root = logging.getLogger()
     if _session is not None:
         for record in _session.pending.records:

@@ -31,8 +31,9 @@ def wait_until(reached, what: str, timeout: float = 30.0) -> None:
         time.sleep(0.01)
 
 
-def test_console_shows_the_pipelines_lines_and_verbose_shows_the_rest():
+def test_console_shows_the_pipelines_lines_and_verbose_shows_the_rest(monkeypatch):
     quiet, loud = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(logging.getLogger("ray.data"), "level", logging.DEBUG)  # as Ray Data sets it
     for stream, verbose in ((quiet, False), (loud, True)):
         console.setup(verbose=verbose, stream=stream)
         try:
@@ -40,6 +41,7 @@ def test_console_shows_the_pipelines_lines_and_verbose_shows_the_rest():
             logging.getLogger("pipeline").info("only in the file", extra={"console": False})
             logging.getLogger("pipeline.run").warning("lease held by another run")
             logging.getLogger("ray.data").info("Starting execution of Dataset")
+            logging.getLogger("ray.data").debug("scheduling loop")  # not even with --verbose
             logging.getLogger(console.WORKERS).warning("(EngineStage pid=7) WARNING [cpu.py:1] Triton is not installed")
         finally:
             console.teardown()

@@ -9,6 +9,7 @@ import time
 from collections import Counter
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline import console
@@ -187,3 +188,40 @@ def test_generate_on_the_demo_shows_a_header_progress_and_summary_and_logs_the_e
     assert re.search(r"workers: \(EngineStage pid=\d+\) .*INFO .*\[\w+\.py:\d+\]", text), "no engine start-up line in the log"
     assert "Started a local Ray instance" in text and "first samples after" in text
     assert "Autoscaler status" not in text  # its periodic dumps are filtered to events, as Ray's own printing does
+
+
+def test_prepare_reports_progress_then_a_table_of_what_was_dropped(tmp_path):
+    src = tmp_path / "gsm.jsonl"
+    good = [f'{{"question": "What is {i} + 1?", "answer": "#### {i + 1}"}}' for i in range(2500)]
+    src.write_text("\n".join([*good, '{"question": "no answer"}', good[0]]) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "--progress-every", "1", "prepare", str(src),
+                           str(tmp_path / "out"), "--format", "gsm8k"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [str(tmp_path / "out")]
+    err = proc.stderr.splitlines()
+    assert err[0] == "rows 2,502 | written 2,500 (99.9%) | " + err[0].split(" | ", 2)[2] and "rows/s" in err[0]
+    assert err[1] == "prepare: read 2,502, written 2,500, dropped 2, shards 1"
+    assert [line.split() for line in err[2:5]] == [["dropped", "rows", "share", "of", "read"], ["bad_row", "1", "0.0%"],
+                                                   ["duplicate", "1", "0.0%"]]
+    assert f"    {src}:2501: missing field 'answer'" in err
+
+
+@pytest.mark.slow
+def test_curate_reports_progress_then_accepted_and_reject_reasons(tmp_path):
+    rows = [{"id": str(i), "prompt": "What is 2+3?", "domain": "math", "answer": "5", "finish_reason": None,
+             "completion": "The answer is $\\boxed{5}$." if i % 3 else "\\boxed{6}"} for i in range(9)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "gen.parquet")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "curate", str(tmp_path / "gen.parquet"),
+                           str(tmp_path / "cur.parquet")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == [str(tmp_path / "cur.parquet")]
+    err = proc.stderr.splitlines()
+    assert err[-7].startswith("rows 9/9 (100%) | accepted 6 (66.7%) | ")
+    assert re.fullmatch(r"curated 9 rows in 0:\d\d", err[-6])
+    assert err[-4].split() == ["9", "6", "3", "66.7%"]
+    assert err[-3].split() == ["rejected", "answer_mismatch", "3", "(33.3%)"]
+    assert err[-2].split() == ["output", str(tmp_path / "cur.parquet")]
+    assert err[-1].split()[0] == "log" and "Started a local Ray instance" in open(err[-1].split()[1]).read()
+    noise = [line for line in err if NOISE.search(line) and not RAY_CORE_NOTICE.match(line)]
+    assert not noise, noise

@@ -78,19 +78,19 @@ def curate(
 
 @app.command()
 def prepare(
-    source: str = typer.Argument(..., metavar="SOURCE", help="JSONL/JSON/CSV/Parquet files (glob, comma list, s3://) or a datasets folder."),
-    output: str = typer.Argument(..., metavar="OUTPUT", help="Folder (local or s3://) for the prompt shards."),
-    format: str = typer.Option(..., "--format", metavar="NAME", help="math | gsm8k | code-stdio | humaneval | choice | generic"),
-    name: Optional[str] = typer.Option(None, metavar="NAME", help="Source name (ids, `source` column); default: the source's file name."),
-    rows_per_shard: int = typer.Option(10_000, "--rows-per-shard", metavar="N", min=1, help="Rows per output shard."),
-    map_: list[str] = typer.Option([], "--map", metavar="FIELD=COLUMN", help="generic: FIELD=COLUMN, e.g. --map prompt=question."),
-    const: list[str] = typer.Option([], "--const", metavar="FIELD=VALUE", help="generic: FIELD=VALUE, e.g. --const domain=math."),
-    mapping_file: Optional[Path] = typer.Option(None, "--mapping", metavar="PATH", help="generic: YAML with `map:` and `const:`."),
-    id_column: str = typer.Option("id", metavar="NAME", help="The source's own id column, if any."),
+    source: str = typer.Argument(..., help="JSONL/JSON/CSV/Parquet files (glob, comma list, s3://) or a datasets folder."),
+    output: str = typer.Argument(..., help="Folder (local or s3://) for the prompt shards."),
+    format: str = typer.Option(..., "--format", help="math | gsm8k | code-stdio | humaneval | choice | generic"),
+    name: Optional[str] = typer.Option(None, help="Source name (ids, `source` column); default: the source's file name."),
+    rows_per_shard: int = typer.Option(10_000, "--rows-per-shard", min=1),
+    map_: list[str] = typer.Option([], "--map", help="generic: FIELD=COLUMN, e.g. --map prompt=question."),
+    const: list[str] = typer.Option([], "--const", help="generic: FIELD=VALUE, e.g. --const domain=math."),
+    mapping_file: Optional[Path] = typer.Option(None, "--mapping", help="generic: YAML with `map:` and `const:`."),
+    id_column: str = typer.Option("id", help="The source's own id column, if any."),
     strict: bool = typer.Option(False, "--strict", help="Fail on the first bad row instead of skipping and reporting it."),
     no_dedup: bool = typer.Option(False, "--no-dedup", help="Keep duplicate prompts."),
-    decontaminate: list[str] = typer.Option([], metavar="PATH", help="Benchmark files whose problems must not leak in (repeatable)."),
-    ngram: int = typer.Option(8, metavar="N", help="n-gram size for decontamination (8-13 as open-r1/OpenThoughts)."),
+    decontaminate: list[str] = typer.Option([], help="Benchmark files whose problems must not leak in (repeatable)."),
+    ngram: int = typer.Option(8, help="n-gram size for decontamination (8-13 as open-r1/OpenThoughts)."),
 ) -> None:
     """Turn prompt sources into validated prompt shards for `generate`."""
     import yaml

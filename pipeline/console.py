@@ -390,8 +390,9 @@ class Progress:
         if _isatty(self.stream):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.total, unit=self.unit.rstrip("s"), desc=self.unit, file=self.stream,
-                            dynamic_ncols=True, smoothing=0.1)
+            # leave=False: the final line below replaces the bar
+            self.bar = tqdm(total=self.total, unit=f" {self.unit}", desc=self.unit if self.total else None,
+                            file=self.stream, dynamic_ncols=True, smoothing=0.1, leave=False)
         self.ticker = threading.Thread(target=self._tick, name="progress", daemon=True)
         self.ticker.start()
         return self
@@ -423,8 +424,8 @@ class Progress:
             if self.first is None:
                 self.first = (time.monotonic(), self.count)
             if self.bar is not None:
-                self.bar.update(counts.rows)
                 self.bar.set_postfix_str(self._postfix(), refresh=False)
+                self.bar.update(counts.rows)
 
     def set(self, count: int, accepted: int) -> None:
         """Cumulative counts, for work that counts for itself (prepare)."""

@@ -310,9 +310,9 @@ def prepare(source: str, output: str, convert: Callable[[dict[str, Any]], dict[s
     shard = ShardWriter(storage, opts.shard_name, opts.rows_per_shard, report)
 
     for where, line, row in iter_rows(source):
-        report.read += 1
         if opts.progress is not None and report.read % PROGRESS_ROWS == 0:
             opts.progress(report.read, report.written)
+        report.read += 1
         try:
             if "__error__" in row:
                 raise BadRow(row["__error__"])

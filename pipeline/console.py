@@ -183,6 +183,7 @@ def run_log(path: str) -> Iterator[str]:
     handler.addFilter(_not_debug)
     root = logging.getLogger()
     if _session is not None:
+        _session.recent.records.clear()  # the lines that matter are this run's
         for record in _session.pending.records:
             if record.levelno >= handler.level:
                 handler.handle(record)
@@ -205,12 +206,14 @@ def run_log(path: str) -> Iterator[str]:
 
 
 def _show_failure(session: Session, path: str) -> None:
+    """What engines, Ray and libraries said last, if anything (a bad input fails before they start:
+    its one-line error is all there is to say)."""
     lines = session.recent.lines()
     if lines:
         session.stream.write("last errors from engines, Ray and libraries:\n")
         session.stream.writelines(f"  {line}\n" for line in lines)
-    session.stream.write(f"full log: {path}\n")
-    session.stream.flush()
+        session.stream.write(f"full log: {path}\n")
+        session.stream.flush()
 
 
 def adopt_library_logs() -> None:

@@ -120,6 +120,10 @@ def test_run_log_holds_everything_and_a_failure_shows_the_lines_that_matter(term
     shown = stream.getvalue()
     assert "  (EngineStage pid=1) RuntimeError: CUDA out of memory" in shown and f"full log: {path}" in shown
     assert "engine started" not in shown and "before the log file" not in shown
+    with pytest.raises(ValueError):  # nothing from engines, Ray or libraries: the error line says it all
+        with console.run_log(str(tmp_path / "bad-input.log")):
+            raise ValueError("no such shard")
+    assert stream.getvalue() == shown
 
 
 def test_log_path_is_in_the_bookkeeping_folder_locally_and_a_local_folder_for_object_storage(tmp_path, monkeypatch):

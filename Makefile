@@ -7,8 +7,10 @@ OUTPUT  ?=
 SET     ?=
 S3_DIR  ?= .cache/s3
 S3_PORT ?= 8333
+GPU_JOB ?= jobs/r1-distill-qwen-7b-math.yaml
+BENCH_ARGS ?=
 
-.PHONY: setup generate prepare demo-shards test test-fast bench bench-cpu calibrate calibrate-traces s3 clean
+.PHONY: setup generate prepare demo-shards test test-fast bench bench-cpu bench-gpu gpu-estimates calibrate calibrate-traces s3 clean
 
 setup:
 	bash scripts/setup.sh
@@ -48,6 +50,17 @@ bench:
 bench-cpu:
 	$(PY) bench/cpu_stages.py
 
+# make bench's GPU mode, on one GPU node after `make setup`: one engine of GPU_JOB's model, pipeline vs raw
+# vLLM with R1-length outputs (128 prompts x 4 x 8192 tokens), next to the estimate; prints the table row
+# for docs/gpu-estimates.md and writes bench/results/gpu-*.json. BENCH_ARGS='--prompts 64 --tokens 16384'
+bench-gpu:
+	$(PY) bench/gpu.py --job $(GPU_JOB) $(BENCH_ARGS)
+
+# Estimated decode tokens/s per engine for R1-length traces (pipeline/estimate.py; docs/gpu-estimates.md);
+# BENCH_ARGS='--model r1-distill-qwen-14b --gpu h100 --output-tokens 14000' for one case.
+gpu-estimates:
+	$(PY) -m pipeline.estimate $(if $(BENCH_ARGS),$(BENCH_ARGS),--table)
+
 # Readability thresholds measured on real English and Chinese text (downloads the Chinese corpus
 # once into .cache/calibration); SAMPLES='out/run/samples/*.parquet' adds a run's real model output.
 # Writes bench/results/readability_calibration.json
@@ -64,6 +77,11 @@ calibrate-traces:
 # environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), then use AWS_ENDPOINT_URL=http://127.0.0.1:$(S3_PORT).
 s3:
 	$(PY) -m pipeline.devs3 --dir $(S3_DIR) --port $(S3_PORT)
+
+# make mix MIX=mixes/r1-style.yaml [OUTPUT=s3://bucket/datasets/r1-style]: one dataset from several published ones
+.PHONY: mix
+mix:
+	$(PY) -m pipeline mix '$(MIX)' $(if $(OUTPUT),--output '$(OUTPUT)')
 
 clean:
 	rm -rf out .pytest_cache

@@ -45,17 +45,19 @@ def timed(cmd: list[str]) -> tuple[float, str]:
     return time.monotonic() - start, done.stdout
 
 
-def pipeline_run(shards: str, output: Path, sampling: dict[str, Any]) -> tuple[float, int]:
-    sets = [f"--set=sampling.{k}={v}" for k, v in {"seed": "null", **sampling}.items()]
-    wall, _ = timed([sys.executable, "-m", "pipeline", "generate", "--shards", shards, "--output", str(output),
-                     "--set=prompts.dedup=false", *sets])
+def pipeline_run(shards: str, output: Path, sampling: dict[str, Any], job: Path = DEFAULT_JOB,
+                 extra: tuple[str, ...] = ()) -> tuple[float, int]:
+    sets = [f"--set=sampling.{k}={v}" for k, v in {"seed": "null", **sampling}.items()] + [f"--set={s}" for s in extra]
+    wall, _ = timed([sys.executable, "-m", "pipeline", "generate", "--job", str(job), "--shards", shards,
+                     "--output", str(output), "--set=prompts.dedup=false", *sets])
     tokens = sum(sum(t or 0 for t in pq.read_table(f, columns=["completion_tokens"]).column(0).to_pylist())
                  for f in (output / "samples").glob("*.parquet"))
     return wall, tokens
 
 
-def main(prompts: int = 32, n: int = 4, tokens: int = 48) -> dict[str, Any]:
-    job = load_job(DEFAULT_JOB)
+def main(prompts: int = 32, n: int = 4, tokens: int = 48, job_path: Path = DEFAULT_JOB,
+         extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    job = load_job(job_path)
     # No seed: vLLM's CPU backend crashes on seeded requests once prefills and decodes interleave
     # ("CPU Generator does not use offset"); throughput does not depend on it.
     sampling = {"n": n, "max_tokens": tokens, "min_tokens": tokens, "temperature": 0.6, "top_p": 0.95}
@@ -69,9 +71,10 @@ def main(prompts: int = 32, n: int = 4, tokens: int = 48) -> dict[str, Any]:
         raw = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
 
         one = write_shards(work / "one", 1, 1)
-        startup, _ = pipeline_run(one, work / "out-startup", {**sampling, "n": 1, "max_tokens": 1, "min_tokens": 1})
+        startup, _ = pipeline_run(one, work / "out-startup", {**sampling, "n": 1, "max_tokens": 1, "min_tokens": 1},
+                                  job_path, extra)
         shards = write_shards(work / "shards", prompts, max(1, prompts // 2))
-        wall, produced = pipeline_run(shards, work / "out", sampling)
+        wall, produced = pipeline_run(shards, work / "out", sampling, job_path, extra)
 
     raw_gen = raw["output_tokens"] / raw["generate_s"]
     pipe_gen = produced / max(wall - startup, 1e-9)

@@ -60,7 +60,7 @@ def role(p: psutil.Process) -> str:
 class Sampler(threading.Thread):
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.written = 0  # samples the driver has written (counted by the wrapped UnitWriter.add)
+        self.written = 0  # samples the driver has written (counted by the wrapped CommitWriter.add)
         self.samples: list[tuple[int, dict[str, float]]] = []
         self.stop = threading.Event()
 
@@ -117,13 +117,14 @@ def main(rows: int = 1_000_000, shards: int = 20) -> dict[str, Any]:
             resources={"batch_size": 2048, "cpu_batch_size": 4096, "engine_cpus": 0.25, "cpu_stage_cpus": 0.25},
         )
         sampler = Sampler()
-        add = run.UnitWriter.add
+        add = run.CommitWriter.add
 
-        def counted(writer: run.UnitWriter, batch: pa.Table) -> int:
-            sampler.written += add(writer, batch)
-            return batch.num_rows
+        def counted(writer: run.CommitWriter, batch: pa.Table) -> int:
+            new = add(writer, batch)
+            sampler.written += new
+            return new
 
-        run.UnitWriter.add = counted  # type: ignore[method-assign]
+        run.CommitWriter.add = counted  # type: ignore[method-assign]
         sampler.start()
         start = time.monotonic()
         run.generate(job)

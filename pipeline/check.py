@@ -14,6 +14,7 @@ import pyarrow as pa
 from pipeline import priority
 from pipeline.config import JobConfig
 from pipeline.filter import FILTERS
+from pipeline.filter.readability import Format
 from pipeline.parse import split_reasoning
 from pipeline.units import Unit, Verdict
 from pipeline.verify import VERIFIERS
@@ -35,6 +36,7 @@ class Checker:
 
     def __init__(self, job: JobConfig, prefilled: bool | None = None) -> None:
         self.prefilled = job.think_prefill if prefilled is None else prefilled
+        self.max_reasoning_words = job.render.max_reasoning_words
         self.filters: list[Unit] = [FILTERS.build(f.name, **f.params) for f in job.filters]
         self.verifiers: dict[str, Unit] = {
             d: VERIFIERS.build(spec.name, **spec.params) for d, spec in job.verify.domains.items()
@@ -50,7 +52,10 @@ class Checker:
         if completion is None:
             return {**sample, "reasoning": None, "final": None}
         p = split_reasoning(completion, prefilled=self.prefilled)
-        return {**sample, "reasoning": p.reasoning, "final": p.final, "think_closes": p.think_closes}
+        reasoning, most = p.reasoning, self.max_reasoning_words
+        if most is not None and reasoning is not None and p.closed and not 0 < Format._words(reasoning) <= most:
+            reasoning = None  # R1's non-reasoning sample: the answer alone (`completion` keeps the trace)
+        return {**sample, "reasoning": reasoning, "final": p.final, "think_closes": p.think_closes}
 
     def __call__(self, samples: list[dict[str, Any]]) -> list[Verdict]:
         verdicts: list[Verdict | None] = [None] * len(samples)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -69,6 +69,11 @@ class RenderSpec(Strict):
     instructions: dict[str, str] = Field(default_factory=lambda: {"math": R1_MATH_INSTRUCTION})
     think_prefill: bool | None = Field(None, description="Start the assistant turn with '<think>\\n'; defaults to model.reasoning.")
     chat_template: str | None = Field(None, description="Jinja template overriding the tokenizer's own.")
+    max_reasoning_words: int | None = Field(
+        None, ge=0,
+        description="R1's non-reasoning data: a sample keeps the model's reasoning only when it has 1..this many "
+        "words, else only the answer after </think> (0: never; trivial queries get no chain of thought). "
+        "None keeps every reasoning.")
 
 
 class UnitSpec(Strict):
@@ -142,8 +147,18 @@ class ResourceSpec(Strict):
         description="Batches each engine works on at once: the engine keeps queued requests while a batch's "
         "tail decodes and finished batches move on (engine_actors x this x batch_size x n sequences in flight).",
     )
+    engine_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each engine actor also requests, e.g. {gpu_node: 1}: engines go only to "
+        "nodes that advertise them.",
+    )
     cpu_actors: int = Field(1, ge=1, description="Actors for the render and verify stages.")
     cpu_stage_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each render/verify actor.")
+    check_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each verify (check) actor requests instead of CPUs, e.g. {sandbox: 1}: "
+        "check actors run only on nodes that advertise them (sandbox nodes advertise no CPU, so nothing else does).",
+    )
     cpu_batch_size: int = Field(256, ge=1)
     background_nice: int = Field(
         10, ge=0, le=19,
@@ -189,8 +204,9 @@ class JobConfig(Strict):
     @field_validator("sampling")
     @classmethod
     def _n_positive(cls, v: dict[str, Any]) -> dict[str, Any]:
-        if int(v.get("n", 1)) < 1:
-            raise ValueError("sampling.n must be >= 1")
+        n = v.get("n", 1)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"sampling.n must be an integer >= 1, got {n!r}")
         return v
 
     @property
@@ -214,16 +230,18 @@ class ConfigError(ValueError):
 def _resolve_relative(cfg: JobConfig, base: Path) -> JobConfig:
     """Relative local paths become absolute (Ray workers run elsewhere), relative to the CWD."""
 
-    def fix(p: str) -> str:
-        if "://" in p or os.path.isabs(p):
-            return p
-        return str(base / p)
-
-    cfg.shards = [fix(s) for s in cfg.shards]
-    cfg.output = fix(cfg.output)
+    cfg.shards = [absolute(s, base) for s in cfg.shards]
+    cfg.output = absolute(cfg.output, base)
     if cfg.model.path.startswith((".", "/")) or (base / cfg.model.path).exists():
-        cfg.model.path = fix(cfg.model.path)
+        cfg.model.path = absolute(cfg.model.path, base)
     return cfg
+
+
+def absolute(p: str, base: Path) -> str:
+    """A local path relative to `base` made absolute; URIs and absolute paths unchanged."""
+    if "://" in p or os.path.isabs(p):
+        return p
+    return str(base / p)
 
 
 def split_pairs(items: list[str]) -> dict[str, str]:
@@ -239,7 +257,13 @@ def split_pairs(items: list[str]) -> dict[str, str]:
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
     """`["sampling.n=2", "model.reasoning=true"]` -> {"sampling.n": 2, ...} (values parsed as YAML)."""
-    return {k: yaml.safe_load(v) for k, v in split_pairs(items).items()}
+    out = {}
+    for key, text in split_pairs(items).items():
+        try:
+            out[key] = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}={text}: not a YAML value ({getattr(e, 'problem', None) or e})") from None
+    return out
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -253,24 +277,44 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def load_yaml(path: str | os.PathLike[str], what: str = "file") -> Any:
+    """A YAML file's content; a missing file or a syntax error is one line naming file:line:column."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(f"{what} not found: {path}") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: YAML syntax error: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: YAML error: {' '.join(str(e).split())}") from None
+
+
 def load_job(path: str | os.PathLike[str] | None = None, sets: dict[str, Any] | None = None, **overrides: Any) -> JobConfig:
     """Read a job YAML (or the defaults), apply overrides (top-level keys, then dotted `sets`), validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"job file not found: {path}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a job file is a YAML mapping")
+    raw = read_mapping(path, "job") if path is not None else {}
     raw.update({k: v for k, v in overrides.items() if v is not None})
     for dotted, value in (sets or {}).items():
         _set_dotted(raw, dotted, value)
+    return _resolve_relative(validated(JobConfig, raw, str(path or "job")), Path.cwd())
+
+
+def read_mapping(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (a job or a mix file)."""
+    raw = load_yaml(path, f"{what} file") or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a {what} file is a YAML mapping")
+    return raw
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validated(model: type[M], raw: dict[str, Any], where: str) -> M:
+    """The typed model of `raw`; every problem named by its dotted key on one ConfigError line."""
     try:
-        cfg = JobConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
-        )
-        raise ConfigError(f"{path or 'job'}: {problems}") from None
-    return _resolve_relative(cfg, Path.cwd())
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"{where}: {problems}") from None

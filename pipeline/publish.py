@@ -55,23 +55,6 @@ def to_training_rows(samples: pa.Table) -> pa.Table:
     return table
 
 
-def _rebatch(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
-    """Regroup a stream of tables into tables of exactly `rows` rows (the last one shorter)."""
-    buf: list[pa.Table] = []
-    size = 0
-    for t in tables:
-        while t.num_rows:
-            take = min(rows - size, t.num_rows)
-            buf.append(t.slice(0, take))
-            size += take
-            t = t.slice(take)
-            if size == rows:
-                yield pa.concat_tables(buf)
-                buf, size = [], 0
-    if buf:
-        yield pa.concat_tables(buf)
-
-
 class Stats:
     """Counts by domain and reason, accept rates, prompts with an accepted sample, token lengths.
 
@@ -266,18 +249,22 @@ def _prune(fenced: Fenced, seq: int) -> None:
 
 
 def _write_data(fenced: Fenced, sample_files: list[str], names: list[str], rows_per_file: int) -> None:
+    """Stream the accepted samples into `names`, `rows_per_file` rows each: one samples file at a
+    time is in memory, not a data file's worth of long traces."""
     storage = fenced.storage
-
-    def accepted_tables() -> Iterator[pa.Table]:
-        for rel in sample_files:
-            yield to_training_rows(storage.read_table(rel))
-
-    groups = _rebatch(accepted_tables(), rows_per_file)
-    for name in names:
-        group = next(groups, None)
-        if group is None:  # no accepted sample at all: an empty but loadable file
-            group = to_training_rows(_empty_samples())
-        fenced.write_table(name, group)
+    schema = to_training_rows(_empty_samples()).schema
+    pieces = (to_training_rows(storage.read_table(rel)) for rel in sample_files)
+    carry: pa.Table | None = None
+    for name in names:  # with no accepted sample at all, one empty but loadable file
+        left = rows_per_file
+        with fenced.parquet_writer(name, schema) as out:
+            while left:
+                piece = carry if carry is not None else next(pieces, None)
+                if piece is None:
+                    break
+                out.write_table(piece.slice(0, left).select(schema.names).cast(schema))
+                carry = piece.slice(left) if piece.num_rows > left else None
+                left -= min(left, piece.num_rows)
 
 
 def _empty_samples() -> pa.Table:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import posixpath
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -13,6 +16,10 @@ from pipeline.commits import KEY_COLUMN, Key, hash_rows
 from pipeline.ngrams import Contamination, digest, normalize
 from pipeline.schemas import arrow_fields, check_columns
 from pipeline.storage import filesystem
+
+
+PREPARE_REPORT = "_prepare_report.json"
+"""Written by `pipeline prepare` beside its shards: each shard's rows and sha256."""
 
 
 class InputError(ValueError):
@@ -184,3 +191,62 @@ def scan_prompts(fs: fsspec.AbstractFileSystem, shards: list[Shard], committed: 
                 plan.todo.add((pid, h))
         plan.skip[s.path] = frozenset(skip)
     return plan
+
+
+def file_sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What `pipeline prepare` recorded for one shard it wrote."""
+
+    rows: int
+    sha256: str
+
+
+def prepared_shards(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, Prepared] | None:
+    """The shards `pipeline prepare` wrote into `folder` (file name -> rows, sha256), or None when
+    no prepare recorded them (shards made by other tools, or by a prepare before hashes were kept).
+
+    Raises InputError when the last prepare into the folder did not finish moving its shards in."""
+    path = posixpath.join(folder, PREPARE_REPORT)
+    fs.invalidate_cache(path)
+    try:
+        report = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+    if "state" not in report:
+        return None
+    if report["state"] != "complete":
+        raise InputError(f"{folder}: the prepare writing these shards did not finish ({PREPARE_REPORT} says "
+                         f"{report['state']!r}); rerun `pipeline prepare` into it")
+    return {s["name"]: Prepared(int(s["rows"]), s["sha256"]) for s in report["shards"]}
+
+
+def check_prepared(fs: fsspec.AbstractFileSystem, shards: list[Shard]) -> None:
+    """Refuse shards that are not what `prepare` wrote: a stale file beside a rerun's output, one
+    cut short (a valid Parquet file with fewer rows), one changed since. Shards in folders without
+    a prepare report are not checked. Reads every recorded shard once (sha256)."""
+    records: dict[str, dict[str, Prepared] | None] = {}
+    for s in shards:
+        folder, name = posixpath.split(s.path)
+        if folder not in records:
+            records[folder] = prepared_shards(fs, folder)
+        known = records[folder]
+        if known is None:
+            continue
+        want = known.get(name)
+        if want is None:
+            raise InputError(f"{s.uri}: not one of the {len(known)} shards `pipeline prepare` last wrote into this "
+                             f"folder ({PREPARE_REPORT}); a leftover? remove it or pass only the prepared shards")
+        if s.rows != want.rows:
+            raise InputError(f"{s.uri}: {s.rows} rows, but prepare wrote {want.rows}: the file was cut short or "
+                             f"replaced; rerun `pipeline prepare`")
+        if file_sha256(fs, s.path) != want.sha256:
+            raise InputError(f"{s.uri}: its content is not what prepare wrote (sha256 differs); rerun `pipeline prepare`")

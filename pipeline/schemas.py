@@ -29,6 +29,11 @@ def reason_codes() -> set[str]:
     return set(load("reasons")["reasons"])
 
 
+def domains() -> tuple[str, ...]:
+    """The closed set of prompt domains (prompt.schema.json); each selects an instruction and a verifier."""
+    return tuple(load("prompt")["properties"]["domain"]["enum"])
+
+
 def _types(prop: dict[str, Any]) -> tuple[str, bool]:
     t = prop["type"]
     types = [t] if isinstance(t, str) else list(t)

@@ -53,6 +53,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.errors import RunFailed
+
 INTERNAL = "_pipeline"
 OWNER = f"{INTERNAL}/owner.json"
 TOOL = "distill-pipeline"
@@ -89,8 +91,8 @@ class LeaseHeld(RuntimeError):
     """Another run is writing to this output."""
 
 
-class LeaseLost(LeaseHeld):
-    """This run's lease was taken over: it may change nothing more."""
+class LeaseLost(LeaseHeld, RunFailed):
+    """This run's lease was taken over: it may change nothing more (the run fails, exit 1)."""
 
 
 class Storage:
@@ -225,7 +227,9 @@ class Storage:
 
     @contextlib.contextmanager
     def parquet_writer(self, rel: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
-        """Stream a large Parquet file; it appears at `rel` only once complete."""
+        """Stream a large Parquet file; it appears at `rel` only once complete, and not at all if
+        the block raises (or the generator is dropped): locally a temp file is renamed into place,
+        on object stores the upload is completed only on success and aborted otherwise."""
         path = self.path(rel)
         if self.local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -237,9 +241,23 @@ class Storage:
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-        else:
-            with self.fs.open(path, "wb") as f, pq.ParquetWriter(f, schema, compression="zstd") as writer:
-                yield writer  # multipart upload: the object exists only after close
+            return
+        # Not `with fs.open(...)`: fsspec's __exit__ (and __del__) close the file, which completes
+        # the upload, so an error would publish a valid-looking Parquet file of the rows so far.
+        f = self.fs.open(path, "wb")
+        writer = None
+        try:
+            writer = pq.ParquetWriter(f, schema, compression="zstd")
+            yield writer
+            writer.close()
+        except BaseException:
+            if writer is not None:
+                with contextlib.suppress(Exception):
+                    writer.close()  # into the buffer about to be dropped: no footer written later by __del__
+            f.discard()  # aborts the multipart upload if one was started; small files were never sent
+            f.closed = True  # and __del__ must not upload what is buffered
+            raise
+        f.close()  # the object appears: a single PUT, or the multipart upload completed
 
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self.path(rel))
@@ -276,11 +294,30 @@ class Storage:
         return sorted(e[len(prefix):] if e.startswith(prefix) else e for e in names
                       if not posixpath.basename(e).startswith(".tmp-"))
 
+    def folders(self, rel: str) -> list[str]:
+        """Relative paths of the folders directly under a folder (empty if absent)."""
+        path = self.path(rel)
+        self.fs.invalidate_cache(path)
+        try:
+            entries = self.fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return []
+        prefix = self.root.rstrip("/") + "/"
+        return sorted(e["name"].rstrip("/")[len(prefix):] for e in entries
+                      if e.get("type") == "directory" or e["name"].endswith("/"))
+
     def remove(self, rel: str) -> None:
         """Delete one file (never a folder: a run deletes only files its records name)."""
         path = self.path(rel)
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(path)
+
+    def remove_folder(self, rel: str) -> None:
+        """Delete a folder the caller created whole under a name of its own (a staging folder):
+        everything below it is the caller's."""
+        path = self.path(rel)
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(path, recursive=True)
 
 
 # -- the lease --------------------------------------------------------------------------------
@@ -460,6 +497,23 @@ class Fenced:
         self.lease.check()
         return self.storage.create_exclusive(rel, data)
 
+    @contextlib.contextmanager
+    def parquet_writer(self, rel: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+        self.lease.check()
+        with self.storage.parquet_writer(rel, schema) as writer:
+            yield writer
+
     def remove(self, rel: str) -> None:
         self.lease.check()
         self.storage.remove(rel)
+
+
+@contextlib.contextmanager
+def writing(storage: Storage, kind: str, ttl_s: float, log: Any) -> Iterator[Fenced]:
+    """The one way a run writes an output: claim it for `kind`, take the lease under a fresh
+    attempt id (`fenced.lease.attempt`), renew it for the block, release it after."""
+    storage.claim(kind)
+    lease = Lease(storage, f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}", ttl_s)
+    lease.acquire(on_wait=log.info)
+    with lease.hold(log.warning):
+        yield Fenced(storage, lease)

@@ -6,7 +6,10 @@ in job YAML to unit factories, so `generate` and `curate` build the same units t
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Mapping, Protocol, TypeVar
 
@@ -70,7 +73,30 @@ class Registry(Generic[U]):
             factory = self._factories[name]
         except KeyError:
             raise ValueError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}") from None
+        self._check_params(name, factory, params)
         try:
             return factory(**params)
         except TypeError as e:
             raise ValueError(f"{self.kind} {name!r}: bad parameters {params}: {e}") from None
+
+    def _check_params(self, name: str, factory: Callable[..., U], params: dict[str, Any]) -> None:
+        """Parameters come from YAML: each must be one the factory takes, holding a JSON-like value
+        of its annotated type (`"400"` is not an int), or the unit would fail on every sample
+        instead of at start."""
+        from pydantic import TypeAdapter, ValidationError
+
+        accepted = [p for p in inspect.signature(factory).parameters.values() if p.kind is not p.VAR_KEYWORD]
+        names = [p.name for p in accepted]
+        hints = typing.get_type_hints(factory.__init__ if isinstance(factory, type) else factory)
+        for key, value in params.items():
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(f"{self.kind} {name!r}: unknown parameter {key!r}; {hint}it takes: {', '.join(names) or 'none'}")
+            if key not in hints:
+                continue
+            try:
+                TypeAdapter(hints[key]).validate_json(json.dumps(value), strict=True)
+            except (TypeError, ValueError, ValidationError):
+                want = getattr(hints[key], "__name__", None) or str(hints[key])
+                raise ValueError(f"{self.kind} {name!r}: parameter {key}={value!r} is not of type {want}") from None

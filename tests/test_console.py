@@ -34,22 +34,24 @@ def wait_until(reached, what: str, timeout: float = 30.0) -> None:
 
 def test_console_shows_the_pipelines_lines_and_verbose_shows_the_rest(monkeypatch):
     quiet, loud = io.StringIO(), io.StringIO()
-    monkeypatch.setattr(logging.getLogger("ray.data"), "level", logging.DEBUG)  # as Ray Data sets it
+    library = logging.getLogger("botocore.credentials")  # any library's logger that propagates
+    monkeypatch.setattr(library, "level", logging.DEBUG)  # as Ray Data sets its own
     for stream, verbose in ((quiet, False), (loud, True)):
         console.setup(verbose=verbose, stream=stream)
         try:
             logging.getLogger("pipeline").info("first samples after 3s")
             logging.getLogger("pipeline").info("only in the file", extra={"console": False})
             logging.getLogger("pipeline.run").warning("lease held by another run")
-            logging.getLogger("ray.data").info("Starting execution of Dataset")
-            logging.getLogger("ray.data").debug("scheduling loop")  # not even with --verbose
+            library.info("Found credentials in environment variables.")
+            library.debug("scheduling loop")  # not even with --verbose
             logging.getLogger(console.WORKERS).warning("(EngineStage pid=7) WARNING [cpu.py:1] Triton is not installed")
         finally:
             console.teardown()
     assert quiet.getvalue().splitlines() == ["first samples after 3s", "warning: lease held by another run"]
     assert loud.getvalue().splitlines() == [
         "first samples after 3s", "warning: lease held by another run",
-        "[ray.data] INFO Starting execution of Dataset", "(EngineStage pid=7) WARNING [cpu.py:1] Triton is not installed"]
+        "[botocore.credentials] INFO Found credentials in environment variables.",
+        "(EngineStage pid=7) WARNING [cpu.py:1] Triton is not installed"]
 
 
 def test_worker_lines_get_their_level_and_tracebacks_are_errors(caplog):

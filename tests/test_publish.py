@@ -85,6 +85,10 @@ class Recording(Storage):
         self.writes.append(rel)
         return super().create_exclusive(rel, data)
 
+    def parquet_writer(self, rel: str, schema: pa.Schema):
+        self.writes.append(rel)
+        return super().parquet_writer(rel, schema)
+
 
 def test_publish_writes_a_version_then_the_card_report_and_manifest_last(tmp_path):
     storage = Recording(str(tmp_path / "out"))

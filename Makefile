@@ -4,6 +4,7 @@ PY      := $(VENV)/bin/python
 JOB     ?= jobs/demo.yaml
 SHARDS  ?=
 OUTPUT  ?=
+SET     ?=
 S3_DIR  ?= .cache/s3
 S3_PORT ?= 8333
 GPU_JOB ?= jobs/r1-distill-qwen-7b-math.yaml
@@ -15,12 +16,17 @@ setup:
 	bash scripts/setup.sh
 
 # With RAY_ADDRESS set, the run is submitted to that cluster (`ray job submit`, stable submission id).
+# SET='sampling.n=8 sampling.max_tokens=512' overrides job keys (one --set each).
 generate:
-	$(PY) -m pipeline $(if $(RAY_ADDRESS),submit,generate) --job $(JOB) $(if $(SHARDS),--shards '$(SHARDS)') $(if $(OUTPUT),--output '$(OUTPUT)')
+	$(PY) -m pipeline $(if $(RAY_ADDRESS),submit,generate) --job $(JOB) $(if $(SHARDS),--shards '$(SHARDS)') $(if $(OUTPUT),--output '$(OUTPUT)') $(foreach s,$(SET),--set '$(s)')
 
-# make prepare SOURCE=gsm8k.jsonl FORMAT=gsm8k OUT=prompts/gsm8k [ARGS='--rows-per-shard 5000']
+# make prepare SOURCE=gsm8k.jsonl FORMAT=gsm8k OUTPUT=prompts/gsm8k [ARGS='--rows-per-shard 5000']
+ifdef OUT
+$(warning OUT= is deprecated: use OUTPUT=, as for generate)
+OUTPUT := $(OUT)
+endif
 prepare:
-	$(PY) -m pipeline prepare '$(SOURCE)' '$(OUT)' --format $(FORMAT) $(ARGS)
+	$(PY) -m pipeline prepare '$(SOURCE)' '$(OUTPUT)' --format $(FORMAT) $(ARGS)
 
 # The demo shards shipped in the repo, rebuilt from demo/prompts.jsonl.
 demo-shards:
@@ -36,7 +42,7 @@ test-fast:
 	$(PY) -m pytest tests -m "not slow"
 
 # Every performance figure against its target (~8 min here): generation vs raw vLLM, CPU stages,
-# 1M-row memory soak; writes bench/results/latest.{json,md} and the README's table.
+# 1M-row memory soak; writes bench/results/latest.{json,md} and the table in docs/performance.md.
 bench:
 	$(PY) bench/run.py
 

@@ -2,7 +2,7 @@
 
 Runs the CPU stages (bench/cpu_stages.py), generation against raw vLLM (bench/generation.py)
 and the 1M-row memory soak (bench/memory_soak.py, its own process: it swaps in a fake engine).
-Writes bench/results/latest.json and latest.md and puts the table into the README.
+Writes bench/results/latest.json and latest.md and puts the table into docs/performance.md.
 """
 
 from __future__ import annotations
@@ -87,16 +87,16 @@ def main() -> None:
 
 
 def write(results: dict[str, Any]) -> None:
-    """Results as JSON and Markdown, and the Markdown table into the README."""
+    """Results as JSON and Markdown, and the Markdown table into docs/performance.md."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
     md = table(results)
     (RESULTS / "latest.md").write_text(md + "\n")
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+    page = ROOT / "docs" / "performance.md"
+    text = page.read_text()
     if START in text and END in text:
         head, rest = text.split(START, 1)
-        readme.write_text(f"{head}{START}\n{md}\n{END}{rest.split(END, 1)[1]}")
+        page.write_text(f"{head}{START}\n{md}\n{END}{rest.split(END, 1)[1]}")
     print(md)
 
 

@@ -8,13 +8,13 @@ what to do. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import contextlib
-import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, NoReturn, Optional
 
 import typer
 
+from pipeline import console
 from pipeline.config import DEFAULT_JOB, ConfigError, load_job, load_yaml, parse_sets, split_pairs
 from pipeline.errors import RunFailed, StorageError, scrub, storage_error
 from pipeline.read import InputError, split_spec
@@ -23,9 +23,9 @@ from pipeline.storage import LeaseHeld, NotOwned
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails
 
-# No locals in tracebacks: they could hold credentials.
+# No locals in tracebacks: they could hold credentials. Plain (click) help: flags without a type column.
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distillation data pipeline.",
-                  pretty_exceptions_show_locals=False)
+                  pretty_exceptions_show_locals=False, rich_markup_mode=None)
 
 
 def _fail(code: int, message: str) -> NoReturn:
@@ -49,20 +49,21 @@ def _errors(uris: list[str]) -> Iterator[None]:
 
 
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def main(
+    verbose: bool = typer.Option(False, "--verbose", "-v",
+                                 help="Also show engine, Ray and library logs (always in the run's log file)."),
+    progress_every: float = typer.Option(console.PROGRESS_EVERY_S, "--progress-every", metavar="SECONDS", min=1,
+                                         help="Without a terminal: a progress line this often."),
+) -> None:
+    console.setup(verbose, progress_every)
 
 
 @app.command()
 def generate(
-    job: Path = typer.Option(DEFAULT_JOB, "--job", help="Job spec (YAML)."),
-    shards: Optional[str] = typer.Option(None, help="Glob or comma-separated list of local paths / s3:// URIs."),
-    output: Optional[str] = typer.Option(None, help="Output folder or s3:// URI."),
-    set_: list[str] = typer.Option([], "--set", help="Override a job key, e.g. --set sampling.n=8 (repeatable)."),
+    job: Path = typer.Option(DEFAULT_JOB, "--job", metavar="PATH", show_default="jobs/demo.yaml", help="Job spec (YAML)."),
+    shards: Optional[str] = typer.Option(None, metavar="GLOB", help="Glob or comma-separated list of local paths / s3:// URIs."),
+    output: Optional[str] = typer.Option(None, metavar="URI", help="Output folder or s3:// URI."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a job key, e.g. --set sampling.n=8 (repeatable)."),
     new_version: bool = typer.Option(False, "--new-version",
                                      help="Publish a version made only with this configuration where the output "
                                           "holds one made with another (otherwise refused)."),
@@ -80,10 +81,10 @@ def generate(
 
 @app.command()
 def curate(
-    input: str = typer.Argument(..., help="Parquet file(s): path, glob, comma list or s3:// URI."),
-    output: str = typer.Argument(..., help="A .parquet file or a folder (local or s3://)."),
-    job: Optional[Path] = typer.Option(None, "--job", help="Job spec for verifier/filter settings."),
-    set_: list[str] = typer.Option([], "--set", help="Override a job key, e.g. --set verify.timeout_s=5."),
+    input: str = typer.Argument(..., metavar="INPUT", help="Parquet file(s): path, glob, comma list or s3:// URI."),
+    output: str = typer.Argument(..., metavar="OUTPUT", help="A .parquet file or a folder (local or s3://)."),
+    job: Optional[Path] = typer.Option(None, "--job", metavar="PATH", help="Job spec for verifier/filter settings."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a job key, e.g. --set verify.timeout_s=5."),
 ) -> None:
     """Verify and filter existing completions: every input row plus accepted/reject_reason."""
     from pipeline.run import curate as run_curate
@@ -112,7 +113,7 @@ def prepare(
     numeric: list[str] = typer.Option([], "--numeric", help="COLUMN[=int|float]: the column holds numbers (CSV/TSV cells are text otherwise)."),
     mapping_file: Optional[Path] = typer.Option(None, "--mapping", help="YAML with `map:`, `const:` and `numeric:`."),
     id_column: str = typer.Option("id", help="The source's own id column, if any."),
-    strict: bool = typer.Option(False, help="Fail on the first bad row instead of skipping and reporting it."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on the first bad row instead of skipping and reporting it."),
     no_dedup: bool = typer.Option(False, "--no-dedup", help="Keep duplicate prompts."),
     decontaminate: list[str] = typer.Option([], help="Benchmark files whose problems must not leak in (repeatable)."),
     ngram: int = typer.Option(8, help="n-gram size for decontamination (8-13 as open-r1/OpenThoughts)."),
@@ -129,20 +130,17 @@ def prepare(
                             {**(spec.get("const") or {}), **split_pairs(const)},
                             {**(spec.get("numeric") or {}), **_numeric(numeric)})
         source_name = name or split_spec(source)[0].rstrip("/").rsplit("/", 1)[-1].split(".")[0]
-        opts = PrepareOptions(source_name=source_name, id_column=id_column or None, rows_per_shard=rows_per_shard,
-                              shard_name=shard_name, strict=strict, dedup=not no_dedup, decontaminate=decontaminate,
-                              ngram=ngram)
-        report = run_prepare(source, output, convert, opts)
-    typer.echo(f"read {report.read}, written {report.written}, dropped {dict(report.dropped) or 0}, "
-               f"shards {len(report.shards)}", err=True)
-    for bad in report.bad_rows[:20]:
-        typer.echo(f"  {bad['file']}:{bad['row']}: {bad['error']}", err=True)
-    more = report.dropped["bad_row"] + report.dropped["duplicate_id"] - min(20, len(report.bad_rows))
+        with console.Progress(None, unit="rows", kept="written", tokens=False) as progress:
+            opts = PrepareOptions(source_name=source_name, id_column=id_column or None, rows_per_shard=rows_per_shard,
+                                  shard_name=shard_name, strict=strict, dedup=not no_dedup, decontaminate=decontaminate,
+                                  ngram=ngram, progress=progress.set)
+            report = run_prepare(source, output, convert, opts)
+            progress.set(report.read, report.written)
+    console.prepare_summary(report.read, report.written, report.dropped, report.shards, report.bad_rows,
+                            f"{output.rstrip('/')}/_prepare_report.json")
     if not report.written:
         why = "every row was dropped (see above; check --format)" if report.read else "the source holds no rows"
         _fail(2, f"nothing written to {output}: {why}; an earlier prepare's shards there are unchanged")
-    if more > 0:
-        typer.echo(f"  ... {more} more (the first 1000 are in {output.rstrip('/')}/_prepare_report.json)", err=True)
     typer.echo(output)
 
 
@@ -156,11 +154,12 @@ def running_twin(jobs: list["JobDetails"], job_hash: str) -> "JobDetails | None"
 
 @app.command()
 def submit(
-    job: Path = typer.Option(DEFAULT_JOB, "--job", help="Job spec (YAML), relative to the repo root."),
-    shards: Optional[str] = typer.Option(None, help="Glob or comma-separated list of local paths / s3:// URIs."),
-    output: Optional[str] = typer.Option(None, help="Output folder or s3:// URI."),
-    set_: list[str] = typer.Option([], "--set", help="Override a job key (repeatable)."),
-    dry_run: bool = typer.Option(False, help="Print the submission command instead of running it."),
+    job: Path = typer.Option(DEFAULT_JOB, "--job", metavar="PATH", show_default="jobs/demo.yaml",
+                             help="Job spec (YAML), relative to the repo root."),
+    shards: Optional[str] = typer.Option(None, metavar="GLOB", help="Glob or comma-separated list of local paths / s3:// URIs."),
+    output: Optional[str] = typer.Option(None, metavar="URI", help="Output folder or s3:// URI."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a job key (repeatable)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the submission command instead of running it."),
 ) -> None:
     """Submit `generate` to the Ray cluster at RAY_ADDRESS; rerun the command to resume a run.
 

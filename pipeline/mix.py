@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import console
 from pipeline.config import ConfigError, SelectSpec
 from pipeline.errors import RunFailed
 from pipeline.fingerprint import digest
@@ -551,7 +552,9 @@ def mix(cfg: MixConfig) -> str:
             log.info("%s already holds this mix of these source versions (%s)", storage.uri, latest["version"])
             publish_version(fenced, inputs, lambda: iter(()), latest["manifest"], started)  # repairs pointers only
             return storage.url()
-        manifest = _make(cfg, sources, fenced, inputs, attempt, started)
+        with console.run_log(console.log_path(storage, attempt)) as log_file:  # Ray's and the workers' output
+            log.info("log %s (Ray and its workers; --verbose shows it here)", log_file)
+            manifest = _make(cfg, sources, fenced, inputs, attempt, started)
     log.info("published %s: %d samples", manifest["version"], manifest["stats"]["samples"])
     return storage.url()
 

@@ -48,6 +48,7 @@ from pipeline.verify.code import parse_tests
 from pipeline.verify.extract import boxed_answers
 
 BATCH_ROWS = 8192
+PROGRESS_ROWS = 1000
 PROMPT_FIELDS = [f for f in arrow_fields("prompt")]
 PROMPT_SCHEMA = pa.schema([pa.field(f.name, f.type) for f in PROMPT_FIELDS])
 DOMAINS = domains()
@@ -583,6 +584,8 @@ class PrepareOptions:
     dedup: bool = True
     decontaminate: list[str] = field(default_factory=list)
     ngram: int = 8
+    progress: Callable[[int, int], None] | None = None
+    """Called with (rows read, rows written) every PROGRESS_ROWS rows read."""
 
 
 class ShardWriter:
@@ -711,6 +714,8 @@ def _convert_all(source: str, convert: Converter, opts: PrepareOptions, report: 
     seen_ids: set[str] = set()  # only for the source's own ids; hash ids are unique once deduped
     pending: list[dict[str, Any]] = []
     for where, line, row in iter_rows(source, shards.storage):
+        if opts.progress is not None and report.read % PROGRESS_ROWS == 0:
+            opts.progress(report.read, report.written)
         report.read += 1
         try:
             if isinstance(row, BadRow):

@@ -12,13 +12,13 @@ import os
 import platform
 import threading
 import time
-from collections import Counter, defaultdict
+import uuid
 from importlib import metadata
 from typing import Any, Iterator
 
 import pyarrow as pa
 
-from pipeline import priority
+from pipeline import console, priority
 from pipeline.check import CheckStage
 from pipeline.commits import CommitWriter, committed_keys
 from pipeline.config import ConfigError, JobConfig
@@ -52,49 +52,33 @@ def init_ray(background_nice: int = 0) -> None:
     """Join RAY_ADDRESS if set, else start a private local cluster (never a stale one from /tmp/ray),
     whose processes run at `background_nice` (engine actors restore their own priority)."""
     import ray
+    import ray.data  # configures its loggers on import: adopted below with Ray's
 
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
         priority.lower(background_nice)
-    ray.init(address=address, log_to_driver=True, logging_level="WARNING", include_dashboard=False
+    console.adopt_library_logs()  # Ray's loggers and its workers' output go to the run's log file
+    ray.init(address=address, log_to_driver=True, logging_level="INFO", include_dashboard=False
              if address == "local" else None)
+    console.route_worker_output()
 
 
-class Progress:
-    """A log line every `every_s` (samples/s, output tokens/s, accept rate, ETA) and Ray metrics
-    (exported to Prometheus by Ray's metrics agent) for dashboards and alerts."""
+class Metrics:
+    """Ray metrics (exported to Prometheus by Ray's metrics agent) for dashboards and alerts."""
 
-    def __init__(self, total: int, every_s: float = 30.0) -> None:
+    def __init__(self) -> None:
         from ray.util import metrics
 
-        self.total, self.every_s = total, every_s
-        self.samples = self.tokens = self.accepted = 0
-        self.t0 = self.last = time.monotonic()
-        self.m_samples = metrics.Counter("distill_samples", "Samples written")
-        self.m_accepted = metrics.Counter("distill_accepted", "Samples accepted")
-        self.m_tokens = metrics.Counter("distill_output_tokens", "Completion tokens generated")
+        self.samples = metrics.Counter("distill_samples", "Samples written")
+        self.accepted = metrics.Counter("distill_accepted", "Samples accepted")
+        self.tokens = metrics.Counter("distill_output_tokens", "Completion tokens generated")
 
-    def add(self, batch: pa.Table) -> None:
-        tokens = sum(t or 0 for t in batch.column("completion_tokens").to_pylist())
-        accepted = sum(batch.column("accepted").to_pylist())
-        self.samples += batch.num_rows
-        self.tokens += tokens
-        self.accepted += accepted
-        for metric, value in ((self.m_samples, batch.num_rows), (self.m_tokens, tokens), (self.m_accepted, accepted)):
+    def add(self, counts: console.Counts) -> None:
+        for metric, value in ((self.samples, counts.rows), (self.tokens, counts.tokens), (self.accepted, counts.accepted)):
             if value:  # Ray's counters refuse increments of 0
                 metric.inc(value)
-        now = time.monotonic()
-        if now - self.last >= self.every_s or self.samples == self.total:
-            self.last = now
-            log.info("%s", self.line(now - self.t0))
-
-    def line(self, elapsed: float) -> str:
-        rate = self.samples / elapsed if elapsed else 0.0
-        eta = (self.total - self.samples) / rate if rate else float("nan")
-        return (f"{self.samples}/{self.total} samples, {rate:.2f} samples/s, {self.tokens / max(elapsed, 1e-9):.1f} "
-                f"output tok/s, accept rate {self.accepted / max(self.samples, 1):.1%}, ETA {eta:.0f}s")
 
 
 HEAD = f"{INTERNAL}/head.json"
@@ -117,11 +101,11 @@ def generate(job: JobConfig, new_version: bool = False) -> str:
     contamination = benchmark(job)
     with writing(storage, "dataset", job.lease_ttl_s, log) as fenced:
         attempt = fenced.lease.attempt
-        fp = adopt_configuration(fenced, job, new_version)
-        plan = scan_prompts(fs, shards, committed_keys(storage, fp), job.prompts.dedup, contamination)
-        if plan.flagged:
-            log.info("not generating %d prompts: %s", len(plan.flagged), dict(Counter(plan.flagged.values())))
-        return _generate(job, fs, shards, plan, fenced, fp, attempt, started)
+        with console.run_log(console.log_path(storage, attempt)) as log_file:
+            fp = adopt_configuration(fenced, job, new_version)
+            plan = scan_prompts(fs, shards, committed_keys(storage, fp), job.prompts.dedup, contamination)
+            console.generate_header(job, shards, plan, storage.url(), log_file)
+            return _generate(job, fs, shards, plan, fenced, fp, attempt, started, log_file)
 
 
 def adopt_configuration(fenced: Fenced, job: JobConfig, new_version: bool) -> str:
@@ -156,10 +140,8 @@ def benchmark(job: JobConfig) -> Contamination | None:
 
 
 def _generate(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: Fenced, fp: str, attempt: str,
-              started: float) -> str:
+              started: float, log_file: str) -> str:
     todo = plan.shards(shards)
-    log.info("%d prompts: %d to generate, %d already committed, %d repeated copies skipped",
-             len(plan.todo) + plan.done, len(plan.todo), plan.done, plan.copies)
     timings: dict[str, float] = {}
     run: dict[str, Any] = {"prompts_to_generate": len(plan.todo), "prompts_already_committed": plan.done,
                            "prompt_copies_skipped": plan.copies}
@@ -178,7 +160,8 @@ def _generate(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: 
         "run": run,
         "timings": timings,
     }
-    publish(fenced, fp, manifest, publish_doc(job), started, job.select, job.rows_per_data_file)
+    published = publish(fenced, fp, manifest, publish_doc(job), started, job.select, job.rows_per_data_file)
+    console.generate_summary(published, fenced.storage, log_file)
     return fenced.storage.url()
 
 
@@ -244,7 +227,6 @@ def read_shards(fs: Any, shards: list[Shard], rows: int, num_cpus: float, plan: 
 def _execute(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: Fenced, fp: str,
              attempt: str) -> dict[str, Any]:
     import ray
-    from tqdm import tqdm
 
     init_ray(job.resources.background_nice)
     ctx = ray.data.DataContext.get_current()
@@ -284,17 +266,17 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: F
         )
     writer = CommitWriter(fenced, fp, attempt, job.n, plan.todo, job.commit.max_prompts, job.commit.max_age_s)
     ledger = Ledger(fenced, attempt, fp, res.engine_actors, job.engine.tensor_parallel_size if use_gpu else 0)
-    total = len(plan.todo) * job.n
-    progress = Progress(total)
+    metrics = Metrics()
     try:
-        with tqdm(total=total, unit="sample", desc="samples", disable=None) as bar:
+        with console.Progress(len(plan.todo) * job.n) as progress:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                if not progress.samples:
-                    log.info("first samples after %.0fs", time.monotonic() - progress.t0)
+                if progress.waiting:
+                    log.info("first samples after %.0fs", progress.elapsed)
                 commits = len(writer.commits)
-                bar.update(writer.add(batch))
+                counts = console.batch_counts(batch, writer.add(batch))
                 ledger.add(batch)
-                progress.add(batch)
+                progress.add(counts)
+                metrics.add(counts)
                 if len(writer.commits) != commits:
                     ledger.save()
         writer.flush()
@@ -313,6 +295,12 @@ def curate(job: JobConfig, inputs: list[str], output: str) -> str:
     The output is one Parquet file (`output` itself, or `output/curated-00000.parquet`), written
     whole or not at all and replaced by a rerun; an input that is that file is refused, so a rerun
     over a glob that matches it cannot double the rows."""
+    run = f"curate-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    with console.run_log(console.log_path(None, run, "curate")) as log_file:
+        return _curate(job, inputs, output, log_file)
+
+
+def _curate(job: JobConfig, inputs: list[str], output: str, log_file: str) -> str:
     import ray
 
     from pipeline.preflight import check_units
@@ -344,11 +332,15 @@ def curate(job: JobConfig, inputs: list[str], output: str) -> str:
                           res.check_resources),
     )
     batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
-    first = next(batches, None)
-    if first is None:
-        raise ConfigError("curate: the input holds no rows")
-    with storage.parquet_writer(rel, first.schema) as writer:
-        writer.write_table(first)
-        for batch in batches:
-            writer.write_table(batch.cast(first.schema))
+    with console.Progress(sum(s.rows for s in shards), unit="rows", tokens=False) as progress:
+        first = next(batches, None)
+        if first is None:
+            raise ConfigError("curate: the input holds no rows")
+        with storage.parquet_writer(rel, first.schema) as writer:
+            writer.write_table(first)
+            progress.add(console.batch_counts(first))
+            for batch in batches:
+                writer.write_table(batch.cast(first.schema))
+                progress.add(console.batch_counts(batch))
+    console.curate_summary(progress, storage.url(rel), log_file)
     return storage.url(rel)

@@ -37,7 +37,7 @@ def test_every_reason_the_code_emits_is_documented():
         used |= set(re.findall(r'Verdict\.reject\(\s*"([a-z_]+)"', text))
         used |= set(re.findall(r'Rendered\([^)]*"([a-z_]+)"\)', text))
         used |= set(re.findall(r'Rendered\(None, None, "([a-z_]+)"\)', text))
-        used |= set(re.findall(r'"(engine_error|judge_rejected|duplicate_completion|not_selected)"', text))
+        used |= set(re.findall(r'"(engine_error|judge_rejected|duplicate_completion|not_selected|pass_rate_band|minority_answer|no_majority)"', text))
     assert used, "the scan found nothing: the test would pass vacuously"
     assert used <= codes, f"undocumented reason codes: {used - codes}"
 

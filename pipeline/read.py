@@ -274,5 +274,4 @@ def plan_round(fs: fsspec.AbstractFileSystem, shards: list[Shard], todo: set[Key
             ids = pq.ParquetFile(f).read(columns=["id"]).column("id").to_pylist()
         plan.skip[s.path] = frozenset(pid for pid in ids if pid not in wanted or pid in seen)
         seen.update(ids)
-    plan.done = len(seen - wanted)
     return plan

@@ -22,7 +22,7 @@ def test_all_null_required_string_column_is_rejected():
 
 
 def test_reserved_column_is_rejected():
-    for col in ("prompt_hash", "rendered", "sample_index", "accepted"):
+    for col in ("prompt_hash", "rendered", "sample_index", "accepted", "round", "first_sample"):
         s = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("domain", pa.string()), (col, pa.string())])
         assert any(f"column {col!r} is reserved" in p for p in schemas.check_columns("prompt", s)), col
 

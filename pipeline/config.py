@@ -149,6 +149,10 @@ class AdaptiveSpec(Strict):
     round_n: int = Field(4, ge=1)
     max_n: int = Field(16, ge=1)
     target_accepted: int = Field(1, ge=1, description="k: a prompt stops once this many samples passed.")
+    give_up_after: int | None = Field(
+        None, ge=1, description="Stop a prompt none of whose first this many samples passed: too hard for the "
+        "model (on real math, such prompts rarely pass later and their failures are the longest samples; "
+        "docs/adaptive-sampling.md has the trade-off).")
 
     @model_validator(mode="after")
     def _whole_rounds(self) -> "AdaptiveSpec":

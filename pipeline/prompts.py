@@ -9,8 +9,9 @@ the `prompts/` table (samples, passed, accepted, pass rate, rounds, tokens, reas
 `decide` works on light rows only (ids, indexes, verdicts, token counts, answers and an 8-byte
 digest of each completion), so it can see a prompt whose adaptive rounds lie in different commit
 files: publish reads the light columns of every commit first, decides, then streams the commits
-and applies the verdicts by row position (`apply`). Its memory is about 110 bytes per sample for
-the light rows plus 19 per sample for the verdicts (docs/adaptive-sampling.md has the measurement).
+and applies the verdicts by row position (`apply`). Measured (bench/adaptive.py): about 120 bytes
+per sample for the light rows and 90 more while deciding, plus ~115 MB for the chunk of rows
+turned into Python objects at a time: 2 GB for 10 million samples.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def decide(rows: pa.Table, selection: SelectSpec, voting: Voting | None = None, 
     reason = codes.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int16)
     pass_rate = np.zeros(n, dtype=np.float64)
     details: dict[int, str] = {}
-    columns: dict[str, list[Any]] = {f.name: [] for f in PROMPTS}
+    prompt_parts: list[pa.Table] = []
     firsts: list[int] = []
 
     def code(r: str | None) -> int:
@@ -134,6 +135,7 @@ def decide(rows: pa.Table, selection: SelectSpec, voting: Voting | None = None, 
             stop = start + back + 1 if back is not None else _prompt_end(rows, order, stop, last)
         positions = order[start:stop]
         part = rows.take(pa.array(positions)).to_pylist()
+        columns: dict[str, list[Any]] = {f.name: [] for f in PROMPTS}  # a chunk's prompts, as Arrow soon
         i = 0
         while i < len(part):
             key = (part[i]["id"], part[i][KEY_COLUMN])
@@ -149,9 +151,10 @@ def decide(rows: pa.Table, selection: SelectSpec, voting: Voting | None = None, 
                 columns[name].append(value)
             firsts.append(int(positions[i:j].min()))
             i = j
+        prompt_parts.append(pa.table(columns, schema=PROMPTS))
         start = stop
     by_first = np.argsort(np.array(firsts, dtype=np.int64), kind="stable")
-    prompts = pa.table(columns, schema=PROMPTS).take(pa.array(by_first))
+    prompts = pa.concat_tables(prompt_parts or [PROMPTS.empty_table()]).take(pa.array(by_first))
     return Decisions(accepted, reason, vocabulary, details, pass_rate, prompts,
                      np.array(firsts, dtype=np.int64)[by_first])
 

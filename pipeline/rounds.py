@@ -3,7 +3,7 @@
 Round 0 samples `initial_n` per prompt. Round r >= 1 samples `round_n` more for each prompt that
 took part in round r-1 and still wants more: fewer than `target_accepted` samples passed
 (verification, or the answer vote: an undecided vote passes none), fewer than `max_n` samples,
-and nothing about the prompt itself rules out more passes (a render rejection, no verifier for
+not `give_up_after` samples without a pass, and nothing about the prompt itself rules out more passes (a render rejection, no verifier for
 its domain, no reference without a vote). The decision for round r reads only rounds < r, so a
 rerun after a kill makes the same decision, and generates only the prompts whose round r is not
 committed yet.
@@ -38,8 +38,10 @@ def prompt_faults() -> frozenset[str]:
 
 
 def wants_more(spec: AdaptiveSpec, samples: int, passed: int, reasons: dict[str, int]) -> bool:
-    """The stop rule: another round for a prompt short of k passed samples with samples to spare."""
-    return passed < spec.target_accepted and samples < spec.max_n and not prompt_faults() & set(reasons)
+    """The stop rule: another round for a prompt short of k passed samples with samples to spare,
+    unless none passed in `give_up_after` samples."""
+    hopeless = spec.give_up_after is not None and passed == 0 and samples >= spec.give_up_after
+    return passed < spec.target_accepted and samples < spec.max_n and not hopeless and not prompt_faults() & set(reasons)
 
 
 class Rounds:

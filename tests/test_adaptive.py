@@ -90,6 +90,9 @@ def test_the_stop_rule():
     assert not wants_more(SPEC, samples=6, passed=0, reasons={"answer_mismatch": 6})  # max_n used
     assert not wants_more(SPEC, samples=2, passed=0, reasons={"empty_prompt": 2})  # the prompt itself
     assert not wants_more(SPEC, samples=2, passed=0, reasons={"no_reference": 2})  # nothing can verify it
+    patient = SPEC.model_copy(update={"give_up_after": 4})
+    assert wants_more(patient, samples=2, passed=0, reasons={}) and not wants_more(patient, samples=4, passed=0, reasons={})
+    assert wants_more(patient.model_copy(update={"target_accepted": 2}), samples=4, passed=1, reasons={})
 
 
 def test_rounds_are_planned_from_committed_verdicts_and_resume_mid_round(fenced):
@@ -236,24 +239,31 @@ def test_two_pass_publish_decides_over_all_rounds_of_a_prompt(fenced, equivalenc
     commit(fenced, [sample("hard", 2, 1, True, completion="hard sample 9"),
                     sample("hard", 3, 1, True, completion="HARD  sample 9!")], 1)
     commit(fenced, [sample("hard2", 2, 1, True), sample("hard2", 3, 1, True)], 1)
-    assert len(commit_files(fenced.storage, FP)) == 3
+    # `wide` (k = 2 in its run): round 0 passed once; round 1 repeats that completion and passes once more
+    commit(fenced, [sample("wide", 0, 0, True, completion="the same way"), sample("wide", 1, 0, False)], 0)
+    commit(fenced, [sample("wide", 2, 1, True, completion="The same way."), sample("wide", 3, 1, True)], 1)
+    assert len(commit_files(fenced.storage, FP)) == 5
     manifest = published(fenced, SelectSpec(keep_per_prompt=1, policy="first"))
     samples = read_all(fenced.storage, manifest["files"]["samples"])
     keys = [(r["id"], r["sample_index"]) for r in samples]
-    assert len(keys) == len(set(keys)) == 14
+    assert len(keys) == len(set(keys)) == 18
     verdict = {(r["id"], r["sample_index"]): (r["accepted"], r["reject_reason"]) for r in samples}
     assert verdict[("hard", 2)] == (True, None) and verdict[("hard", 3)] == (False, "duplicate_completion")
-    assert verdict[("hard2", 2)] == (True, None) and verdict[("hard2", 3)] == (False, "not_selected")  # k across rounds
+    assert verdict[("hard2", 2)] == (True, None) and verdict[("hard2", 3)] == (False, "not_selected")
+    # decided across commits: a duplicate of round 0's completion, and k = 1 kept from round 0
+    assert [verdict[("wide", i)] for i in range(4)] == [(True, None), (False, "answer_mismatch"),
+                                                        (False, "duplicate_completion"), (False, "not_selected")]
     prompts = {r["id"]: r for r in read_all(fenced.storage, manifest["files"]["prompts"])}
-    assert len(prompts) == 5 and manifest["files"]["prompts"][0].startswith(f"prompts/{manifest['version']}/")
+    assert len(prompts) == 6 and manifest["files"]["prompts"][0].startswith(f"prompts/{manifest['version']}/")
     hard = prompts["hard"]
     assert (hard["samples"], hard["passed"], hard["accepted"], hard["rounds"]) == (4, 2, 1, 2)
     assert hard["pass_rate"] == 0.5 and hard["prompt_tokens"] == 20 and hard["completion_tokens"] == 406
     assert json.loads(hard["reasons"]) == {"answer_mismatch": 1, "duplicate_completion": 1, "truncated": 1}
     assert {r["pass_rate"] for r in samples if r["id"] == "hard"} == {0.5}
     stats = manifest["stats"]["prompts"]
-    assert stats["prompts"] == 5 and stats["rounds"] == {"1": 3, "2": 2}
+    assert stats["prompts"] == 6 and stats["rounds"] == {"1": 3, "2": 3}
     assert stats["pass_rate_histogram"]["0.5-0.6"] == 3 and stats["pass_rate_histogram"]["0.0-0.1"] == 2
+    assert stats["pass_rate_histogram"]["0.7-0.8"] == 1  # wide: 3 of 4
     card = fenced.storage.read_bytes("README.md").decode()
     assert f"path: prompts/{manifest['version']}/*.parquet" in card and "prompts by pass rate" in card
     report = fenced.storage.read_bytes("report.md").decode()

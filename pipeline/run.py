@@ -173,12 +173,14 @@ def _generate(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: 
             plan = rounds.plan(fs, shards, r)
             log.info("round %d: %d prompts get %d more samples each (%d already committed)",
                      r, len(plan.todo), len(job.round_samples(r)), plan.done)
-            run.setdefault("rounds", []).append({"round": r, "prompts_to_generate": len(plan.todo),
-                                                 "prompts_already_committed": plan.done})
+        t0 = time.time()
         if plan.todo:
-            t0 = time.time()
             spent.update(_execute(job.for_round(r), fs, plan.shards(shards), plan, fenced, fp, attempt))
             timings["generate_s"] = round(timings.get("generate_s", 0) + time.time() - t0, 2)
+        if rounds is not None:
+            run.setdefault("rounds", []).append({"round": r, "prompts_to_generate": len(plan.todo),
+                                                 "prompts_already_committed": plan.done,
+                                                 "generate_s": round(time.time() - t0, 2)})
     run.update(spent)
     manifest = {
         "run_id": attempt,

@@ -310,26 +310,31 @@ def test_committed_prompt_rounds_are_each_taken_once(fenced):
 # -- end to end on the real engine -------------------------------------------------------------------
 
 E2E_PROMPTS = ["What is 1 + 1?", "What is 2 + 3?", "What is 5 - 2?", "Name a prime number.", "What is 10 + 10?",
-               "Spell the word cat backwards."]
+               "Spell the word cat backwards.", "What is 3 times 3?", "What is 9 - 4?", "What is 7 + 6?",
+               "What is 8 divided by 2?"]
 
 
 def adaptive_command(shards: str, out: Path) -> list[str]:
     return [sys.executable, "-m", "pipeline", "generate", "--job", "jobs/demo.yaml", "--shards", shards,
             "--output", str(out), "--set", "sampling.max_tokens=24", "--set", "resources.batch_size=1",
             "--set", "resources.cpu_batch_size=1", "--set", "commit.max_prompts=1",
+            # one prompt at a time: a round's prompts finish, and commit, one after another
+            "--set", "resources.engine_batches_in_flight=1",
             "--set", "sampling.adaptive={initial_n: 1, round_n: 1, max_n: 3, target_accepted: 1}"]
 
 
-def round_files(out: Path) -> dict[int, list[str]]:
+def committed_rounds(out: Path) -> dict[tuple[str, int], list[str]]:
+    """(prompt id, round) -> the commit files holding its samples (read from the files themselves)."""
     storage = Storage(str(out))
     try:
         (fp,) = [p.rsplit("/", 1)[-1] for p in storage.fs.ls(storage.path("_pipeline/commits"))]
     except (FileNotFoundError, ValueError):
         return {}
-    found: dict[int, list[str]] = {}
+    found: dict[tuple[str, int], list[str]] = {}
     for rel in commit_files(storage, fp):
-        meta = json.loads(storage.read_metadata(rel)[b"pipeline.commit"])
-        found.setdefault(meta["round"], []).append(rel)
+        t = storage.read_table(rel, columns=["id", "round"])
+        for key in sorted(set(zip(t.column("id").to_pylist(), t.column("round").to_pylist()))):
+            found.setdefault(key, []).append(rel)
     return found
 
 
@@ -345,13 +350,17 @@ def test_a_real_adaptive_run_killed_in_round_2_resumes_with_every_sample_once(tm
                              stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
     try:
         deadline = time.time() + 900
-        while time.time() < deadline and not round_files(out).get(1):  # an event: a round-1 commit exists
+
+        def in_round_1() -> bool:
+            return any(r == 1 for _, r in committed_rounds(out))
+
+        while time.time() < deadline and not in_round_1():  # an event: a round-1 commit exists
             assert first.poll() is None, log.read_text()[-3000:]
             time.sleep(0.05)
-        assert round_files(out).get(1), "never reached a round-1 commit"
+        assert in_round_1(), "never reached a round-1 commit"
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-        before = {r: len(files) for r, files in round_files(out).items()}
+        before = committed_rounds(out)
         assert not (out / "_manifest.json").exists()
         again = subprocess.run(adaptive_command(shards, out), cwd=REPO_ROOT, capture_output=True, text=True,
                                timeout=1800, start_new_session=True)
@@ -378,9 +387,12 @@ def test_a_real_adaptive_run_killed_in_round_2_resumes_with_every_sample_once(tm
         # the stop rule: sampled until the first pass, or max_n
         assert len(got) == 3 or (any(passed) and passed[-1] and not any(passed[:-1])), (pid, got, passed)
         assert prompts[pid]["samples"] == len(got) and prompts[pid]["rounds"] == len(got)
-    after = round_files(out)
-    assert all(len(after[r]) >= n for r, n in before.items())  # commits before the kill were kept
-    assert sum(len(f) for f in after.values()) == sum(len(v) for v in by_prompt.values())  # one prompt per commit
+    after = committed_rounds(out)
+    assert all(len(files) == 1 for files in after.values())  # every prompt round committed exactly once
+    assert set(after) == {(pid, rnd) for pid, got in by_prompt.items() for _, rnd in got}
+    assert all(after[key] == files for key, files in before.items())  # what the killed run committed was kept
     assert manifest["stats"]["samples"] == len(samples)
-    print("rounds per prompt:", {pid: len(v) for pid, v in sorted(by_prompt.items())},
-          "commits before the kill:", before, "rerun:", manifest["run"].get("rounds"))
+    rerun = manifest["run"]["rounds"]
+    assert rerun[0]["prompts_to_generate"] == 0 and rerun[1]["prompts_already_committed"] >= 1
+    print("samples per prompt:", {pid: len(v) for pid, v in sorted(by_prompt.items())},
+          "| round 1 committed before the kill:", sum(r == 1 for _, r in before), "| rerun:", rerun)

@@ -62,9 +62,9 @@ class Stats:
     """Counts by domain and reason, accept rates, prompts with an accepted sample, token lengths,
     pass rates and rounds per prompt.
 
-    Memory stays bounded however large the run: `add` takes one table with all samples of its
-    prompts (so prompts are counted per table), `add_prompts` their prompt rows, and token
-    lengths and pass rates are histograms."""
+    Memory stays bounded however large the run: `add` takes a table of samples, `add_prompts`
+    prompt rows (each prompt once, however many tables its samples lie in), and token lengths
+    and pass rates are histograms."""
 
     def __init__(self) -> None:
         self.by_domain: dict[str, Counter[str]] = defaultdict(Counter)
@@ -76,23 +76,19 @@ class Stats:
         self.per_prompt: Counter[str] = Counter()
 
     def add(self, shard: pa.Table) -> None:
-        cols = shard.select(["id", "domain", "accepted", "reject_reason", "completion_tokens"]).to_pydict()
-        prompts: dict[str, set[str]] = defaultdict(set)
-        prompts_ok: dict[str, set[str]] = defaultdict(set)
-        for pid, dom, ok, reason, toks in zip(*cols.values()):
+        cols = shard.select(["domain", "accepted", "reject_reason", "completion_tokens"]).to_pydict()
+        for dom, ok, reason, toks in zip(*cols.values()):
             self.by_domain[dom][reason or "accepted"] += 1
-            prompts[dom].add(pid)
-            if ok:
-                prompts_ok[dom].add(pid)
             if toks is not None:
                 self.tokens["accepted" if ok else "rejected"][toks] += 1
-        self.prompts.update({d: len(ids) for d, ids in prompts.items()})
-        self.prompts_ok.update({d: len(ids) for d, ids in prompts_ok.items()})
 
     def add_prompts(self, prompts: pa.Table) -> None:
-        """Prompt rows (pipeline/prompts.py): pass-rate histogram, rounds, tokens, votes."""
-        cols = prompts.select(["pass_rate", "rounds", "samples", "passed", "accepted", "completion_tokens",
+        """Prompt rows (pipeline/prompts.py): prompts per domain, pass rates, rounds, tokens, votes."""
+        cols = prompts.select(["domain", "pass_rate", "rounds", "samples", "passed", "accepted", "completion_tokens",
                                "votes", "pseudo_label"]).to_pydict()
+        for dom, accepted in zip(cols["domain"], cols["accepted"]):
+            self.prompts[dom] += 1
+            self.prompts_ok[dom] += accepted > 0
         for rate, rounds, votes, label in zip(cols["pass_rate"], cols["rounds"], cols["votes"], cols["pseudo_label"]):
             self.pass_rates[min(int(rate * PASS_RATE_BINS), PASS_RATE_BINS - 1)] += 1
             self.rounds[rounds] += 1

@@ -25,17 +25,10 @@ from pipeline.read import resolve, scan_prompts
 from pipeline.rounds import Rounds, wants_more
 from pipeline.storage import Fenced, Lease, Storage
 from pipeline.vote import Equivalence, vote
+from test_commits import fenced  # noqa: F401  (fixture)
 
 FP = "fp"
 SPEC = AdaptiveSpec(initial_n=2, round_n=2, max_n=6, target_accepted=1)
-
-
-@pytest.fixture
-def fenced(tmp_path: Path) -> Fenced:
-    storage = Storage(str(tmp_path / "out"))
-    lease = Lease(storage, "att", 600)
-    lease.acquire()
-    return Fenced(storage, lease)
 
 
 def sample(pid: str, index: int, round: int, ok: bool, reason: str | None = None, answer: str | None = None,
@@ -260,6 +253,8 @@ def test_two_pass_publish_decides_over_all_rounds_of_a_prompt(fenced, equivalenc
     assert hard["pass_rate"] == 0.5 and hard["prompt_tokens"] == 20 and hard["completion_tokens"] == 406
     assert json.loads(hard["reasons"]) == {"answer_mismatch": 1, "duplicate_completion": 1, "truncated": 1}
     assert {r["pass_rate"] for r in samples if r["id"] == "hard"} == {0.5}
+    math = manifest["stats"]["domains"]["math"]  # each prompt counted once, though in two commits
+    assert (math["samples"], math["prompts"], math["prompts_with_accepted"]) == (18, 6, 4)
     stats = manifest["stats"]["prompts"]
     assert stats["prompts"] == 6 and stats["rounds"] == {"1": 3, "2": 3}
     assert stats["pass_rate_histogram"]["0.5-0.6"] == 3 and stats["pass_rate_histogram"]["0.0-0.1"] == 2

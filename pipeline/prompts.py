@@ -273,12 +273,20 @@ def judged(groups: Callable[[], Iterable[pa.Table]], selection: SelectSpec, voti
     then `groups()` is streamed and each prompt's row goes with the table holding its first sample."""
     dedup = selection.dedup_completions
     if light_rows is None:
-        for table in groups():
-            decisions = decide(light(table, dedup), selection, voting)
-            yield apply(table, decisions), decisions.prompts
+        try:
+            for table in groups():
+                decisions = decide(light(table, dedup), selection, voting)
+                yield apply(table, decisions), decisions.prompts
+        finally:
+            if voting is not None:
+                voting.equivalence.close()
         return
     parts = [light(t, dedup) for t in light_rows()]
-    decisions = decide(pa.concat_tables(parts) if parts else LIGHT.empty_table(), selection, voting)
+    try:
+        decisions = decide(pa.concat_tables(parts) if parts else LIGHT.empty_table(), selection, voting)
+    finally:
+        if voting is not None:
+            voting.equivalence.close()
     total, lo = sum(t.num_rows for t in parts), 0
     del parts
     for table in groups():

@@ -60,7 +60,11 @@ class Rounds:
         """The prompts round `round` still has to generate, and how many it has already committed."""
         rows = self.committed() if rows is None else rows
         rounds = pc.fill_null(rows.column(ROUND_COLUMN), 0)
-        before = decide(rows.filter(pc.less(rounds, round)), NO_SELECTION, self.voting)
+        try:
+            before = decide(rows.filter(pc.less(rounds, round)), NO_SELECTION, self.voting)
+        finally:
+            if self.voting is not None:
+                self.voting.equivalence.close()
         p = before.prompts.to_pydict()
         wanted = {(pid, h) for pid, h, took, samples, passed, reasons in zip(
                       p["id"], p[KEY_COLUMN], p["rounds"], p["samples"], p["passed"], p["reasons"])

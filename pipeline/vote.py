@@ -64,7 +64,8 @@ class Tally:
 class Equivalence:
     """Whether two math answers name the same thing, by the math verifier in killable workers
     (a timeout or crash counts as different: a split vote only costs samples). Results are kept
-    for the life of the object; the workers only while `same` needs them (until `close`)."""
+    for the life of the object; the workers from the first comparison until `close` (the caller
+    closes after each batch of votes: a round's plan, a publish)."""
 
     def __init__(self, workers: int = 1, timeout_s: float = 10.0, memory_mb: int = 2048) -> None:
         self.workers, self.timeout_s, self.memory_mb = workers, timeout_s, memory_mb
@@ -147,13 +148,10 @@ def vote(prompts: list[tuple[str, list[str | None]]], min_votes: int, min_share:
     """The vote of each (answer kind, the samples' answers) prompt; math comparisons of all
     prompts are batched step by step, so the workers stay busy."""
     states = [_Prompt(kind, answers, min_votes, min_share) for kind, answers in prompts]
-    try:
-        while True:
-            active = [s for s in states if not s.done]
-            if not active:
-                return [s.tally() for s in states]
-            equivalence.same([p for s in active for p in s.pairs()])
-            for s in active:
-                s.step(equivalence.known)
-    finally:
-        equivalence.close()  # a few votes per run (one per round, one at publish): no idle workers between them
+    while True:
+        active = [s for s in states if not s.done]
+        if not active:
+            return [s.tally() for s in states]
+        equivalence.same([p for s in active for p in s.pairs()])
+        for s in active:
+            s.step(equivalence.known)

@@ -311,42 +311,54 @@ def adaptive_command(shards: str, out: Path) -> list[str]:
     return [sys.executable, "-m", "pipeline", "generate", "--job", "jobs/demo.yaml", "--shards", shards,
             "--output", str(out), "--set", "sampling.max_tokens=24", "--set", "resources.batch_size=1",
             "--set", "resources.cpu_batch_size=1", "--set", "commit.max_prompts=1",
-            # one prompt at a time: a round's prompts finish, and commit, one after another
+            # one batch at a time: a round's shards finish, and commit, one after another
             "--set", "resources.engine_batches_in_flight=1",
             "--set", "sampling.adaptive={initial_n: 1, round_n: 1, max_n: 3, target_accepted: 1}"]
 
 
-def committed_rounds(out: Path) -> dict[tuple[str, int], list[str]]:
-    """(prompt id, round) -> the commit files holding its samples (read from the files themselves)."""
-    storage = Storage(str(out))
-    try:
-        (fp,) = [p.rsplit("/", 1)[-1] for p in storage.fs.ls(storage.path("_pipeline/commits"))]
-    except (FileNotFoundError, ValueError):
-        return {}
-    found: dict[tuple[str, int], list[str]] = {}
-    for rel in commit_files(storage, fp):
-        t = storage.read_table(rel, columns=["id", "round"])
-        for key in sorted(set(zip(t.column("id").to_pylist(), t.column("round").to_pylist()))):
-            found.setdefault(key, []).append(rel)
-    return found
+class CommittedRounds:
+    """(prompt id, round) -> the commit files holding its samples, read from the files themselves;
+    each file once (commits never change), so that polling stays fast while a run commits."""
+
+    def __init__(self, out: Path) -> None:
+        self.storage = Storage(str(out))
+        self.keys: dict[str, list[tuple[str, int]]] = {}
+
+    def __call__(self) -> dict[tuple[str, int], list[str]]:
+        try:
+            (fp,) = [p.rsplit("/", 1)[-1] for p in self.storage.fs.ls(self.storage.path("_pipeline/commits"))]
+        except (FileNotFoundError, ValueError):
+            return {}
+        found: dict[tuple[str, int], list[str]] = {}
+        for rel in commit_files(self.storage, fp):
+            if rel not in self.keys:
+                t = self.storage.read_table(rel, columns=["id", "round"])
+                self.keys[rel] = sorted(set(zip(t.column("id").to_pylist(), t.column("round").to_pylist())))
+            for key in self.keys[rel]:
+                found.setdefault(key, []).append(rel)
+        return found
 
 
 @pytest.mark.slow
 def test_a_real_adaptive_run_killed_in_round_2_resumes_with_every_sample_once(tmp_path):
     # The demo model rarely gets an answer right: most prompts need every round, and the references
     # are plain numbers (a prompt without one stops after round 0: nothing could verify more samples).
-    # 24 prompts, one at a time in the engine: a round's prompts commit a few at a time.
-    write_shard(tmp_path / "in" / "p.parquet",
-                [{"id": f"q{i:02d}", "prompt": p, "answer": str(2 * i + 3)} for i, p in enumerate(E2E_PROMPTS)])
+    # 24 prompts in 12 shards, one batch at a time in the engine: a round's prompts commit a few at
+    # a time (a shard's rows travel as one block).
+    for shard in range(12):
+        write_shard(tmp_path / "in" / f"p-{shard:02d}.parquet",
+                    [{"id": f"q{i:02d}", "prompt": E2E_PROMPTS[i], "answer": str(2 * i + 3)}
+                     for i in range(2 * shard, 2 * shard + 2)])
     shards, out = str(tmp_path / "in" / "*.parquet"), tmp_path / "out"
     log = tmp_path / "first.log"
     first = subprocess.Popen(adaptive_command(shards, out), cwd=REPO_ROOT, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
     try:
         deadline = time.time() + 900
+        committed_rounds = CommittedRounds(out)
 
         def in_round_1() -> bool:
-            return any(r == 1 for _, r in committed_rounds(out))
+            return any(r == 1 for _, r in committed_rounds())
 
         while time.time() < deadline and not in_round_1():  # an event: a round-1 commit exists
             assert first.poll() is None, log.read_text()[-3000:]
@@ -354,7 +366,7 @@ def test_a_real_adaptive_run_killed_in_round_2_resumes_with_every_sample_once(tm
         assert in_round_1(), "never reached a round-1 commit"
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-        before = committed_rounds(out)
+        before = committed_rounds()
         assert not (out / "_manifest.json").exists()
         round_1_before = sum(r == 1 for _, r in before)
         again = subprocess.run(adaptive_command(shards, out), cwd=REPO_ROOT, capture_output=True, text=True,
@@ -383,7 +395,7 @@ def test_a_real_adaptive_run_killed_in_round_2_resumes_with_every_sample_once(tm
         # the stop rule: sampled until the first pass, or max_n
         assert len(got) == 3 or (any(passed) and passed[-1] and not any(passed[:-1])), (pid, got, passed)
         assert prompts[pid]["samples"] == len(got) and prompts[pid]["rounds"] == len(got)
-    after = committed_rounds(out)
+    after = CommittedRounds(out)()
     assert all(len(files) == 1 for files in after.values())  # every prompt round committed exactly once
     assert set(after) == {(pid, rnd) for pid, got in by_prompt.items() for _, rnd in got}
     assert all(after[key] == files for key, files in before.items())  # what the killed run committed was kept

@@ -280,6 +280,26 @@ def test_one_pass_and_two_pass_agree_when_every_prompt_has_one_round(tmp_path, e
     assert outs[0] == outs[1]
 
 
+def test_deciding_in_chunks_of_rows_changes_nothing():
+    import random
+
+    from pipeline.prompts import decide, light
+
+    rng = random.Random(5)
+    rows = [sample(f"p{p}", i, i // 3, rng.random() < 0.4, completion=f"c{rng.randint(0, 3)}")
+            for p in range(7) for i in range(rng.randint(1, 9))]
+    rng.shuffle(rows)
+    table = light(pa.Table.from_pylist(rows), digests=True)
+    spec = SelectSpec(keep_per_prompt=2, policy="shortest")
+    whole = decide(table, spec)
+    for chunk in (1, 2, 5):  # chunks end at prompt boundaries, a prompt longer than a chunk included
+        part = decide(table, spec, chunk=chunk)
+        assert part.accepted.tolist() == whole.accepted.tolist() and part.pass_rate.tolist() == whole.pass_rate.tolist()
+        assert [part.vocabulary[c] if c >= 0 else None for c in part.reason] == \
+               [whole.vocabulary[c] if c >= 0 else None for c in whole.reason]
+        assert part.prompts.equals(whole.prompts)
+
+
 def test_a_pass_rate_band_keeps_prompts_for_a_curriculum():
     rows = [sample("all", i, 0, True) for i in range(4)]
     rows += [sample("half", i, 0, i < 2) for i in range(4)]

@@ -249,6 +249,7 @@ def _decide_rss(samples: int, per_prompt: int = 8) -> dict[str, float]:
         "completion_tokens": [rng.randint(500, 32000) for _ in range(samples)],
         "prompt_tokens": [150] * samples,
         "extracted_answer": [str(rng.randint(0, 999)) for _ in range(samples)],
+        "pass_rate": [None] * samples,  # generate's commits carry none (a mix's sources do)
         "digest": [rng.randbytes(8) for _ in range(samples)],
     }, schema=LIGHT)
     del reasons

@@ -9,9 +9,9 @@ the `prompts/` table (samples, passed, accepted, pass rate, rounds, tokens, reas
 `decide` works on light rows only (ids, indexes, verdicts, token counts, answers and an 8-byte
 digest of each completion), so it can see a prompt whose adaptive rounds lie in different commit
 files: publish reads the light columns of every commit first, decides, then streams the commits
-and applies the verdicts by row position (`apply`). Measured (bench/adaptive.py): about 120 bytes
-per sample for the light rows and 90 more while deciding, plus ~115 MB for the chunk of rows
-turned into Python objects at a time: 2 GB for 10 million samples.
+and applies the verdicts by row position (`apply`). Measured (bench/adaptive.py): about 125 bytes
+per sample for the light rows and up to 90 more while deciding, plus ~130 MB for the chunk of
+rows turned into Python objects at a time: about 2 GB for 10 million samples.
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ LIGHT = pa.schema([
     ("id", pa.string()), (KEY_COLUMN, pa.string()), (ROUND_COLUMN, pa.int64()), ("sample_index", pa.int64()),
     ("domain", pa.string()), ("accepted", pa.bool_()), ("reject_reason", pa.string()),
     ("completion_tokens", pa.int64()), ("prompt_tokens", pa.int64()), ("extracted_answer", pa.string()),
-    ("digest", pa.binary(8)),
+    ("pass_rate", pa.float64()), ("digest", pa.binary(8)),
 ])
-"""What verdicts are decided on; `digest` stands for the completion (only when dedup needs it)."""
+"""What verdicts are decided on; `digest` stands for the completion (only when dedup needs it);
+`pass_rate` is set when the samples come from a published dataset (a mix): it is kept."""
 READ = [f.name for f in LIGHT if f.name != "digest"]
 """The sample columns `light` reads (plus `completion` for digests)."""
 
@@ -181,7 +182,9 @@ class _Prompt:
         if tally is not None:
             self._vote(*tally)
         self.passed = sum(self.ok)
-        self.pass_rate = self.passed / len(rows)
+        recorded = next((r["pass_rate"] for r in rows if r["pass_rate"] is not None), None)
+        # where the samples were generated, over all of the prompt's samples (a mix takes some of them)
+        self.pass_rate = recorded if recorded is not None else self.passed / len(rows)
         judged = [{**r, "accepted": ok} for r, ok in zip(rows, self.ok)]
         for i, why in select_prompt(judged, self.pass_rate, selection).items():
             self.ok[i], self.why[i] = False, why

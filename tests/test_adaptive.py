@@ -33,11 +33,11 @@ SPEC = AdaptiveSpec(initial_n=2, round_n=2, max_n=6, target_accepted=1)
 
 def sample(pid: str, index: int, round: int, ok: bool, reason: str | None = None, answer: str | None = None,
            completion: str | None = None, domain: str = "math") -> dict:
-    return {"id": pid, "prompt_hash": f"h{pid}", "prompt": f"Q {pid}", "domain": domain, "answer": None,
+    return {"id": pid, "prompt_hash": f"h{pid}", "prompt": f"Q {pid}", "domain": domain, "answer": None, "source": "t",
             "round": round, "sample_index": index,
             "completion": completion if completion is not None else f"{pid} sample {index}",
             "reasoning": None, "final": completion if completion is not None else f"{pid} sample {index}",
-            "finish_reason": "stop", "prompt_tokens": 10, "completion_tokens": 100 + index, "model": "m",
+            "finish_reason": "stop", "prompt_tokens": 10, "completion_tokens": 100 + index, "model": "m", "seed": None,
             "accepted": ok, "reject_reason": None if ok else (reason or "answer_mismatch"),
             "reject_details": None, "extracted_answer": answer}
 
@@ -310,6 +310,13 @@ def test_a_pass_rate_band_keeps_prompts_for_a_curriculum():
     assert {r["reject_reason"] for r in out.to_pylist() if r["id"] == "all"} == {"pass_rate_band"}
     assert {r["id"]: (r["passed"], r["accepted"]) for r in prompts.to_pylist()} == {
         "all": (4, 0), "half": (2, 2), "none": (0, 0)}
+
+
+def test_samples_from_a_published_dataset_keep_their_pass_rate():
+    """A mix takes some samples of a prompt: only its source saw them all."""
+    rows = [{**sample("m", i, 0, True), "pass_rate": 0.25} for i in range(2)]
+    ((out, prompts),) = judged(lambda: [pa.Table.from_pylist(rows)], SelectSpec(dedup_completions=False))
+    assert out.column("pass_rate").to_pylist() == [0.25, 0.25] and prompts.column("pass_rate").to_pylist() == [0.25]
 
 
 def test_committed_prompt_rounds_are_each_taken_once(fenced):

@@ -19,6 +19,7 @@ FEATURES = [
     {"name": "prompt_tokens", "dtype": "int64"},
     {"name": "completion_tokens", "dtype": "int64"},
     {"name": "seed", "dtype": "int64"},
+    {"name": "pass_rate", "dtype": "float64"},
 ]
 
 
@@ -27,10 +28,13 @@ def render_card(manifest: dict[str, Any]) -> str:
     stats = manifest["stats"]
     job = manifest.get("job", {})
     data, samples = (posixpath.dirname(manifest["files"][k][0]) for k in ("data", "samples"))
+    prompts = posixpath.dirname(manifest["files"]["prompts"][0]) if manifest["files"].get("prompts") else None
     front = {
         "configs": [
             {"config_name": "default", "data_files": [{"split": "train", "path": f"{data}/train-*.parquet"}]},
             {"config_name": "all_samples", "data_files": [{"split": "train", "path": f"{samples}/*.parquet"}]},
+            *([{"config_name": "prompts", "data_files": [{"split": "train", "path": f"{prompts}/*.parquet"}]}]
+              if prompts else []),
         ],
         "dataset_info": {
             "config_name": "default",
@@ -55,6 +59,7 @@ def render_card(manifest: dict[str, Any]) -> str:
             f"({stats['accept_rate']:.1%})",
             f"- sampling: `{job.get('sampling', {})}`",
             *cost_lines(manifest.get("cost")),
+            *prompt_lines(stats.get("prompts")),
             f"- filters: {', '.join(f['name'] for f in job.get('filters', [])) or 'none'}",
         ]),
         "",
@@ -72,7 +77,9 @@ def render_card(manifest: dict[str, Any]) -> str:
         f"Version `{manifest['version']}`. `{data}/` holds the accepted samples with a `messages` column",
         f"(TRL conversational format); `{samples}/` holds "
         + ("the same samples with all their columns and `mix_source`." if "sources" in manifest
-           else "every sample with `accepted` and `reject_reason`."),
+           else "every sample with `accepted` and `reject_reason`"
+           + (f"; `{prompts}/` one row per prompt (samples, pass rate, rounds, tokens, reasons, vote)." if prompts
+              else ".")),
         "Load this folder with `datasets.load_dataset(FOLDER)` (it follows this card), or name the files:",
         f"`datasets.load_dataset(\"parquet\", data_files=\"{manifest.get('output', '.')}/{data}/*.parquet\")`.",
         "",
@@ -109,4 +116,19 @@ def _mix_summary(manifest: dict[str, Any]) -> list[str]:
         lines.append(f"| {s['name']} | `{s['dataset']}` ({s.get('version')}) | `{s.get('run_id')}` | "
                      f"{s.get('model')} | `{fp.get('generation') or fp.get('mix')}` | {s['selected']} | "
                      f"{s['prompts_selected']} |")
+    return lines
+
+
+def prompt_lines(prompts: dict[str, Any] | None) -> list[str]:
+    """Per-prompt statistics for the card and the report: pass rates, rounds, tokens per accepted sample."""
+    if not prompts or not prompts.get("prompts"):
+        return []
+    bars = " ".join(f"{band}: {n}" for band, n in prompts["pass_rate_histogram"].items())
+    votes = prompts.get("votes") or {}
+    lines = [f"- prompts: {prompts['prompts']}, mean pass rate {prompts['mean_pass_rate']:.1%}; "
+             f"{prompts['completion_tokens_per_accepted']} completion tokens generated per accepted sample",
+             f"- prompts by pass rate: {bars}",
+             f"- prompts by sampling rounds: {', '.join(f'{k}: {v}' for k, v in prompts['rounds'].items())}"]
+    if votes.get("decided") or votes.get("undecided"):
+        lines.append(f"- answer votes (no reference): {votes['decided']} prompts decided, {votes['undecided']} undecided")
     return lines

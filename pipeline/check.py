@@ -19,6 +19,7 @@ from pipeline.parse import split_reasoning
 from pipeline.units import Unit, Verdict
 from pipeline.verify import VERIFIERS
 from pipeline.verify.pool import IsolatedRunner
+from pipeline.vote import extracted_answer
 
 CHECK_COLUMNS = pa.schema(
     [
@@ -27,6 +28,7 @@ CHECK_COLUMNS = pa.schema(
         ("accepted", pa.bool_()),
         ("reject_reason", pa.string()),
         ("reject_details", pa.string()),
+        ("extracted_answer", pa.string()),
     ]
 )
 
@@ -41,6 +43,7 @@ class Checker:
         self.verifiers: dict[str, Unit] = {
             d: VERIFIERS.build(spec.name, **spec.params) for d, spec in job.verify.domains.items()
         }
+        self.kinds = {d: spec.name for d, spec in job.verify.domains.items()}
         self.threads = ThreadPoolExecutor(job.verify_workers, thread_name_prefix="verify")
         needs_pool = any(getattr(v, "isolate", False) for v in self.verifiers.values())
         self.pool = (
@@ -56,6 +59,10 @@ class Checker:
         if most is not None and reasoning is not None and p.closed and not 0 < Format._words(reasoning) <= most:
             reasoning = None  # R1's non-reasoning sample: the answer alone (`completion` keeps the trace)
         return {**sample, "reasoning": reasoning, "final": p.final, "think_closes": p.think_closes}
+
+    def answer(self, sample: dict[str, Any]) -> str | None:
+        """The final answer the domain's verifier reads (what answer votes count), for every sample."""
+        return extracted_answer(self.kinds.get(sample.get("domain") or ""), sample.get("final"))
 
     def __call__(self, samples: list[dict[str, Any]]) -> list[Verdict]:
         verdicts: list[Verdict | None] = [None] * len(samples)
@@ -118,6 +125,7 @@ class CheckStage:
             "accepted": [v.ok for v in verdicts],
             "reject_reason": [v.reason for v in verdicts],
             "reject_details": [v.details_json() for v in verdicts],
+            "extracted_answer": [self.checker.answer(s) for s in samples],
         }
         for field in CHECK_COLUMNS:
             table = table.append_column(field, pa.array(columns[field.name], field.type))

@@ -2,9 +2,11 @@
 
 A prompt's key is its id and a hash of everything else in its row, so the same prompts reach
 the same keys whatever shards, paths or shard sizes carried them. The driver buffers samples
-until a prompt has all of its sample indexes, then commits groups of complete prompts as one
-exclusively created Parquet file (storage.py, invariant 3): a killed attempt keeps every group
-it committed, so a rerun generates only what was unfinished.
+until a prompt has all of its round's sample indexes, then commits groups of complete prompts as
+one exclusively created Parquet file (storage.py, invariant 3): a killed attempt keeps every
+group it committed, so a rerun generates only what was unfinished. Under adaptive sampling each
+round of a prompt is a unit of its own, (id, hash, round): its samples carry the round, and a
+commit holds one round of its prompts.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pyarrow.compute as pc
 from pipeline.storage import INTERNAL, Fenced, Storage, table_bytes
 
 KEY_COLUMN = "prompt_hash"
+ROUND_COLUMN = "round"
 Key = tuple[str, str]
 """(prompt id, prompt content hash)."""
 
@@ -42,10 +45,11 @@ def commit_dir(fp: str) -> str:
     return f"{INTERNAL}/commits/{fp}"
 
 
-def group_name(keys: list[Key]) -> str:
-    """A commit's name: a hash of the prompt keys it holds, so a retried commit of the same group
-    meets its own earlier copy and never lands twice."""
-    text = "\n".join(f"{pid}\t{h}" for pid, h in sorted(keys))
+def group_name(keys: list[Key], round: int = 0) -> str:
+    """A commit's name: a hash of the prompt keys it holds (and their round after the first), so
+    a retried commit of the same group meets its own earlier copy and never lands twice."""
+    suffix = f"\t{round}" if round else ""
+    text = "\n".join(f"{pid}\t{h}{suffix}" for pid, h in sorted(keys))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -69,17 +73,30 @@ def committed_keys(storage: Storage, fp: str, threads: int = 16) -> dict[str, st
     return out
 
 
-def committed_prompts(storage: Storage, fp: str) -> Iterator[pa.Table]:
-    """Each commit's samples, every prompt taken from exactly one commit (the first by name), so
-    commits of overlapping groups (a resumed holder racing its successor) never duplicate one."""
-    taken: set[Key] = set()
-    for rel in commit_files(storage, fp):
-        table = storage.read_table(rel)
-        keys = list(zip(table.column("id").to_pylist(), table.column(KEY_COLUMN).to_pylist()))
+def rounds_of(table: pa.Table) -> list[int]:
+    """Each row's sampling round (commits made before rounds existed hold round 0 only)."""
+    if ROUND_COLUMN not in table.column_names:
+        return [0] * table.num_rows
+    return [r or 0 for r in table.column(ROUND_COLUMN).to_pylist()]
+
+
+def committed_prompts(storage: Storage, fp: str, columns: list[str] | None = None,
+                      files: list[str] | None = None) -> Iterator[pa.Table]:
+    """Each commit's samples (only `columns`, if given), every prompt round taken from exactly one
+    commit (the first by name), so commits of overlapping groups (a resumed holder racing its
+    successor) never duplicate one. Two reads over the same `files` yield the same rows in the
+    same order."""
+    taken: set[tuple[str, str, int]] = set()
+    for rel in commit_files(storage, fp) if files is None else files:
+        keyed = None if columns is None else list(dict.fromkeys(["id", KEY_COLUMN, ROUND_COLUMN, *columns]))
+        table = storage.read_table(rel, columns=keyed, present_only=True)
+        keys = list(zip(table.column("id").to_pylist(), table.column(KEY_COLUMN).to_pylist(), rounds_of(table)))
         fresh = [k not in taken for k in keys]
         taken.update(keys)
         if not all(fresh):
             table = table.filter(pa.array(fresh))
+        if columns is not None:
+            table = table.select([c for c in columns if c in table.column_names])
         if table.num_rows:
             yield table
 
@@ -87,13 +104,15 @@ def committed_prompts(storage: Storage, fp: str) -> Iterator[pa.Table]:
 class CommitWriter:
     """Buffers result rows per prompt and commits groups of complete prompts exactly once.
 
-    A prompt is complete when every sample index 0..n-1 has arrived; a repeated (id, hash,
-    sample_index) from a replayed batch is dropped, never counted twice. Groups are flushed when
-    `max_prompts` are complete or the oldest complete one waited `max_age_s`."""
+    A prompt is complete when every sample index of its round (`samples`, e.g. range(n) for
+    round 0) has arrived; a repeated (id, hash, sample_index) from a replayed batch is dropped,
+    never counted twice, as is a row of another round. Groups are flushed when `max_prompts` are
+    complete or the oldest complete one waited `max_age_s`."""
 
-    def __init__(self, fenced: Fenced, fp: str, attempt: str, n: int, expected: set[Key],
-                 max_prompts: int = 256, max_age_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.fenced, self.fp, self.attempt, self.n = fenced, fp, attempt, n
+    def __init__(self, fenced: Fenced, fp: str, attempt: str, samples: range, expected: set[Key],
+                 max_prompts: int = 256, max_age_s: float = 30.0, clock: Callable[[], float] = time.monotonic,
+                 round: int = 0) -> None:
+        self.fenced, self.fp, self.attempt, self.samples, self.round = fenced, fp, attempt, samples, round
         self.expected = expected
         self.max_prompts, self.max_age_s, self.clock = max_prompts, max_age_s, clock
         self.partial: dict[Key, dict[int, pa.Table]] = defaultdict(dict)
@@ -109,19 +128,20 @@ class CommitWriter:
         ids = batch.column("id").to_pylist()
         hashes = batch.column(KEY_COLUMN).to_pylist()
         indexes = batch.column("sample_index").to_pylist()
+        rounds = rounds_of(batch)
         new = 0
         for row, key in enumerate(zip(ids, hashes)):
-            if key not in self.expected:
+            if key not in self.expected or rounds[row] != self.round:
                 self.unexpected += 1
                 continue
             slots = self.partial[key] if key not in self.done else None
-            if slots is None or indexes[row] in slots or not 0 <= indexes[row] < self.n:
+            if slots is None or indexes[row] in slots or indexes[row] not in self.samples:
                 self.duplicates += 1
                 continue
             slots[indexes[row]] = batch.slice(row, 1)
             new += 1
-            if len(slots) == self.n:
-                self.complete.append((key, pa.concat_tables([slots[i] for i in range(self.n)])))
+            if len(slots) == len(self.samples):
+                self.complete.append((key, pa.concat_tables([slots[i] for i in self.samples])))
                 del self.partial[key]
                 self.done.add(key)
                 self.oldest = self.oldest if self.oldest is not None else self.clock()
@@ -135,10 +155,10 @@ class CommitWriter:
             return
         keys = [k for k, _ in self.complete]
         table = pa.concat_tables([t for _, t in self.complete], promote_options="default")
-        name = group_name(keys)
+        name = group_name(keys, self.round)
         rel = posixpath.join(commit_dir(self.fp), f"{name}.parquet")
         meta = {"pipeline.commit": json.dumps({"attempt": self.attempt, "epoch": self.fenced.lease.epoch,
-                                               "prompts": len(keys), "rows": table.num_rows,
+                                               "round": self.round, "prompts": len(keys), "rows": table.num_rows,
                                                "accepted": int(pc.sum(table.column("accepted")).as_py() or 0)})}
         self.fenced.create_exclusive(rel, table_bytes(table, meta))  # False: this very group is already in
         self.commits.append(rel)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
@@ -83,6 +83,15 @@ class UnitSpec(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class VoteSpec(Strict):
+    """Answer agreement for prompts without a reference: the samples' final answers vote (math
+    answers grouped by the math verifier's equivalence, choice letters exactly)."""
+
+    min_votes: int = Field(3, ge=1, description="Samples the winning answer needs.")
+    min_share: float = Field(0.6, gt=0.5, le=1, description="Share of the answering samples the winning answer "
+                             "needs (above one half, so a vote has at most one winner).")
+
+
 class VerifySpec(Strict):
     """Which verifier checks which domain. Domains without one are rejected as unknown_domain."""
 
@@ -101,6 +110,8 @@ class VerifySpec(Strict):
         description="Parallel checks per CPU stage actor (math worker processes, sandboxed test runs); "
         "default: the actor's CPUs (resources.cpu_stage_cpus) rounded up.",
     )
+    vote: VoteSpec | None = Field(
+        None, description="Majority vote for samples the verifier rejected as no_reference; off when absent.")
 
 
 class PromptSpec(Strict):
@@ -117,6 +128,50 @@ class SelectSpec(Strict):
     keep_per_prompt: int | None = Field(None, ge=1, description="Keep at most this many accepted samples per prompt.")
     policy: Literal["first", "shortest", "random"] = "first"
     dedup_completions: bool = Field(True, description="Drop accepted completions identical up to case/spacing/punctuation.")
+    pass_rate: tuple[float, float] | None = Field(
+        None, description="Keep only prompts whose pass rate (passed samples / samples) lies in [low, high], "
+        "e.g. [0.1, 0.6] for an RL curriculum; the others' samples are rejected as pass_rate_band.")
+
+    @field_validator("pass_rate")
+    @classmethod
+    def _band(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 <= v[0] <= v[1] <= 1:
+            raise ValueError("select.pass_rate is [low, high] with 0 <= low <= high <= 1")
+        return v
+
+
+class AdaptiveSpec(Strict):
+    """Sampling in rounds (`sampling.adaptive`): round 0 samples `initial_n` per prompt; each later
+    round samples `round_n` more for every prompt with fewer than `target_accepted` passed samples
+    (or an undecided vote) and fewer than `max_n` samples."""
+
+    initial_n: int = Field(4, ge=1)
+    round_n: int = Field(4, ge=1)
+    max_n: int = Field(16, ge=1)
+    target_accepted: int = Field(1, ge=1, description="k: a prompt stops once this many samples passed.")
+    give_up_after: int | None = Field(
+        None, ge=1, description="Stop a prompt none of whose first this many samples passed: too hard for the "
+        "model (on real math, such prompts rarely pass later and their failures are the longest samples; "
+        "docs/adaptive-sampling.md has the trade-off).")
+
+    @model_validator(mode="after")
+    def _whole_rounds(self) -> "AdaptiveSpec":
+        extra = self.max_n - self.initial_n
+        if extra < 0 or extra % self.round_n:
+            raise ValueError(f"max_n ({self.max_n}) must be initial_n ({self.initial_n}) plus a whole number of "
+                             f"rounds of round_n ({self.round_n})")
+        return self
+
+    @property
+    def rounds(self) -> int:
+        return 1 + (self.max_n - self.initial_n) // self.round_n
+
+    def samples(self, round: int) -> range:
+        """The sample indexes of a round: rounds continue each other, never repeat an index."""
+        if round == 0:
+            return range(self.initial_n)
+        first = self.initial_n + (round - 1) * self.round_n
+        return range(first, first + self.round_n)
 
 
 class JudgeSpec(Strict):
@@ -200,6 +255,27 @@ class JobConfig(Strict):
     commit: CommitSpec = Field(default_factory=CommitSpec)
     rows_per_data_file: int = Field(100_000, ge=1)
     lease_ttl_s: float = Field(600, ge=10, description="A run's lease on its output expires this long after its last heartbeat.")
+    adaptive: AdaptiveSpec | None = Field(None, description="Written as `sampling.adaptive` (moved here on load).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _adaptive_out_of_sampling(cls, raw: Any) -> Any:
+        """`sampling:` goes to vLLM's SamplingParams as it is, so `sampling.adaptive` is taken out
+        of it into a typed spec."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("sampling"), dict) or "adaptive" not in raw["sampling"]:
+            return raw
+        sampling = dict(raw["sampling"])
+        adaptive = sampling.pop("adaptive")
+        if raw.get("adaptive") is not None:
+            raise ValueError("adaptive sampling is set twice (sampling.adaptive and adaptive)")
+        return {**raw, "sampling": sampling, "adaptive": adaptive}
+
+    @model_validator(mode="after")
+    def _rounds_set_n(self) -> "JobConfig":
+        """Under adaptive sampling each round sets `n`; a fixed `sampling.n` is replaced by round 0's."""
+        if self.adaptive is not None:
+            self.sampling = {**self.sampling, "n": self.adaptive.initial_n}
+        return self
 
     @field_validator("sampling")
     @classmethod
@@ -211,7 +287,22 @@ class JobConfig(Strict):
 
     @property
     def n(self) -> int:
+        """Samples per prompt of one request (under adaptive sampling: of the current round)."""
         return int(self.sampling.get("n", 1))
+
+    @property
+    def rounds(self) -> int:
+        return self.adaptive.rounds if self.adaptive else 1
+
+    def round_samples(self, round: int) -> range:
+        """The sample indexes round `round` generates for each of its prompts."""
+        if self.adaptive is None:
+            return range(self.n) if round == 0 else range(0)
+        return self.adaptive.samples(round)
+
+    def for_round(self, round: int) -> "JobConfig":
+        """This job with `sampling.n` set to the round's sample count (what the engines request)."""
+        return self.model_copy(update={"sampling": {**self.sampling, "n": len(self.round_samples(round))}})
 
     @property
     def think_prefill(self) -> bool:

@@ -1,7 +1,8 @@
 """What a dataset cost: engine time, GPU time and tokens, per run and per accepted sample.
 
-Each run that generates keeps a ledger in `_pipeline/runs/<attempt>.json`, rewritten whenever it
-commits, so a killed run's spending up to its last commit is still counted. Engine time is what
+Each run that generates keeps a ledger in `_pipeline/runs/<attempt>.json` (one per sampling round
+after the first: `<attempt>-r<round>.json`), rewritten whenever it commits, so a killed run's
+spending up to its last commit is still counted. Engine time is what
 the run held engines for (start-up included: it is paid for), GPU time is that times the GPUs
 each engine holds; tokens are counted from the samples as they arrive.
 """
@@ -22,8 +23,9 @@ RUNS = f"{INTERNAL}/runs"
 class Ledger:
     """One run's spending, saved through the fenced storage."""
 
-    def __init__(self, fenced: Fenced, attempt: str, fp: str, engines: int, gpus_per_engine: int) -> None:
-        self.fenced, self.attempt, self.fp = fenced, attempt, fp
+    def __init__(self, fenced: Fenced, attempt: str, fp: str, engines: int, gpus_per_engine: int,
+                 round: int = 0) -> None:
+        self.fenced, self.attempt, self.fp, self.round = fenced, attempt, fp, round
         self.engines, self.gpus_per_engine = engines, gpus_per_engine
         self.t0 = time.monotonic()
         self.tokens: dict[str, dict[str, int]] = defaultdict(lambda: {"samples": 0, "prompt": 0, "completion": 0})
@@ -37,25 +39,26 @@ class Ledger:
             t["completion"] += c or 0
 
     def record(self) -> dict[str, Any]:
-        engine_s = self.engines * (time.monotonic() - self.t0)
-        return {"attempt": self.attempt, "fingerprint": self.fp, "engines": self.engines,
-                "gpus_per_engine": self.gpus_per_engine, "engine_s": round(engine_s, 1),
+        engine_s = round(self.engines * (time.monotonic() - self.t0), 1)  # gpu_s is exactly engine_s x GPUs
+        return {"attempt": self.attempt, "round": self.round, "fingerprint": self.fp, "engines": self.engines,
+                "gpus_per_engine": self.gpus_per_engine, "engine_s": engine_s,
                 "gpu_s": round(engine_s * self.gpus_per_engine, 1), "by_domain": dict(self.tokens)}
 
     def save(self) -> None:
-        self.fenced.write_json(f"{RUNS}/{self.attempt}.json", self.record())
+        name = f"{self.attempt}-r{self.round}" if self.round else self.attempt
+        self.fenced.write_json(f"{RUNS}/{name}.json", self.record())
 
 
 def totals(storage: Storage, fp: str, accepted_by_domain: dict[str, int]) -> dict[str, Any]:
     """Everything the runs of generation fingerprint `fp` spent, overall and per accepted sample."""
     engine_s = gpu_s = 0.0
-    runs = 0
+    runs: set[str] = set()
     by_domain: dict[str, dict[str, int]] = defaultdict(lambda: {"samples": 0, "prompt": 0, "completion": 0})
     for rel in storage.list(RUNS):
         rec = storage.read_json(rel)
         if rec.get("fingerprint") != fp:
             continue
-        runs += 1
+        runs.add(rec["attempt"])
         engine_s += rec["engine_s"]
         gpu_s += rec["gpu_s"]
         for domain, t in rec["by_domain"].items():
@@ -68,7 +71,7 @@ def totals(storage: Storage, fp: str, accepted_by_domain: dict[str, int]) -> dic
         return round(value / n, 2) if n else None
 
     return {
-        "runs": runs,
+        "runs": len(runs),
         "engine_hours": round(engine_s / 3600, 4),
         "gpu_hours": round(gpu_s / 3600, 4),
         "prompt_tokens": sum(t["prompt"] for t in by_domain.values()),

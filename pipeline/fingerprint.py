@@ -1,9 +1,10 @@
 """The configuration fingerprint: everything that changes what a dataset holds, and nothing else.
 
-Two parts. The generation part (model, engine settings that change outputs, sampling, render,
-verification, filters, prompt curation, judge) names the folder commits live in: samples made
-under another generation part are never mixed in. The publish part (selection, file size) only
-changes how commits become a version. A rerun whose fingerprint differs from the output's is
+Two parts. The generation part (model, engine settings that change outputs, sampling and its
+adaptive rounds, render, verification and answer voting, filters, prompt curation, judge) names
+the folder commits live in: samples made under another generation part are never mixed in. The
+publish part (selection, file size) only changes how commits become a version. Options added
+later are left out while off, so outputs made before they existed keep their fingerprint. A rerun whose fingerprint differs from the output's is
 refused, naming the keys, unless a new version is asked for.
 """
 
@@ -62,10 +63,12 @@ def generation_doc(job: JobConfig) -> dict[str, Any]:
         "engine": _engine(job.engine),
         "sampling": job.sampling,
         "render": job.render.model_dump(mode="json"),
-        "verify": job.verify.model_dump(mode="json", exclude={"workers"}),
+        "verify": job.verify.model_dump(mode="json", exclude={"workers"} | _off(vote=job.verify.vote)),
         "filters": [f.model_dump(mode="json") for f in job.filters],
         "prompts": {"dedup": job.prompts.dedup, "ngram": job.prompts.ngram, "decontaminate": decontaminate},
     }
+    if job.adaptive is not None:  # which prompts get more samples
+        doc["adaptive"] = job.adaptive.model_dump(mode="json")
     if job.judge.enabled:
         judge = job.judge.model_dump(mode="json", exclude={"actors", "cpus", "batch_size", "engine"})
         judge["engine"] = _engine(job.judge.engine)
@@ -77,7 +80,13 @@ def generation_doc(job: JobConfig) -> dict[str, Any]:
 
 def publish_doc(job: JobConfig) -> dict[str, Any]:
     """What decides how the committed samples become a version."""
-    return {"select": job.select.model_dump(mode="json"), "rows_per_data_file": job.rows_per_data_file}
+    return {"select": job.select.model_dump(mode="json", exclude=_off(pass_rate=job.select.pass_rate)),
+            "rows_per_data_file": job.rows_per_data_file}
+
+
+def _off(**options: Any) -> set[str]:
+    """The options that are off (None): left out of the fingerprint."""
+    return {k for k, v in options.items() if v is None}
 
 
 def digest(doc: Any) -> str:

@@ -38,15 +38,17 @@ def request_seed(job_seed: int, prompt_id: str) -> int:
 
 
 def sample_rows(row: dict[str, Any], n: int, model: str, seed: int | None, outputs: list[Any] | None, reason: str | None) -> list[dict[str, Any]]:
-    """Expand a prompt row into its n sample rows (completion null when nothing was generated)."""
+    """Expand a prompt row into its n sample rows (completion null when nothing was generated);
+    a sampling round's indexes start at the row's `first_sample`."""
     base = {k: v for k, v in row.items() if k not in RENDER_COLUMNS and k != "reject_reason"}
+    first = row.get("first_sample") or 0
     rows = []
     for i in range(n):
         out = outputs[i] if outputs is not None and i < len(outputs) else None
         rows.append(
             {
                 **base,
-                "sample_index": i,
+                "sample_index": first + i,
                 "completion": out.text if out is not None else None,
                 "finish_reason": out.finish_reason if out is not None else None,
                 "prompt_tokens": len(row["prompt_token_ids"]) if row.get("prompt_token_ids") else None,
@@ -80,8 +82,11 @@ class EngineStage:
         self._params = SamplingParams
         self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**job.engine.llm_kwargs(job.model.path)))
 
-    def _seed(self, prompt_id: str) -> int | None:
-        return None if self.job_seed is None else request_seed(int(self.job_seed), prompt_id)
+    def _seed(self, row: dict[str, Any]) -> int | None:
+        """The request's seed, offset by the round's first sample index: no two rounds repeat a sample."""
+        if self.job_seed is None:
+            return None
+        return request_seed(int(self.job_seed), row["id"]) + (row.get("first_sample") or 0)
 
     def __del__(self) -> None:
         """Ray Data drops the UDF when it retires the actor: stop vLLM's engine processes
@@ -95,7 +100,7 @@ class EngineStage:
         from vllm.sampling_params import RequestOutputKind
 
         # FINAL_ONLY: one output holding all n completions, no per-token streaming to this process
-        params = self._params(**self.sampling, seed=self._seed(row["id"]), output_kind=RequestOutputKind.FINAL_ONLY)
+        params = self._params(**self.sampling, seed=self._seed(row), output_kind=RequestOutputKind.FINAL_ONLY)
         final = None
         try:
             stream = self.engine.generate(
@@ -118,7 +123,7 @@ class EngineStage:
         out: list[dict[str, Any]] = []
         for r in rows:
             outputs, reason = generated.get(r["id"], (None, r["reject_reason"]))
-            out.extend(sample_rows(r, self.n, self.model_name, self._seed(r["id"]), outputs, reason))
+            out.extend(sample_rows(r, self.n, self.model_name, self._seed(r), outputs, reason))
         yield pa.Table.from_pylist(out, schema=_sample_schema(batch.schema))
 
 

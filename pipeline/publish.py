@@ -1,7 +1,7 @@
 """Publish one configuration's commits as a new immutable version; the pointers move last.
 
 A version's files go to fresh folders (`data/<version>/`, `samples/<version>/`,
-`plots/<version>/`) named in an intent record first, so a crash leaves nothing unaccounted;
+`prompts/<version>/`, `plots/<version>/`) named in an intent record first, so a crash leaves nothing unaccounted;
 the version number is then claimed exclusively, and only then do `README.md` (the card that
 `datasets` follows), `report.md` and `_manifest.json` point at it (storage.py, invariant 4).
 Publishing the same commits with the same settings again changes nothing.
@@ -27,7 +27,7 @@ from pipeline.parse import assistant_content
 from pipeline.commits import commit_files, committed_prompts
 from pipeline.cost import totals
 from pipeline.fingerprint import digest
-from pipeline.select import select
+from pipeline.prompts import READ, Voting, judged
 from pipeline.storage import INTERNAL, Fenced, LeaseLost, Storage
 
 MANIFEST = "_manifest.json"
@@ -36,7 +36,7 @@ KEPT_VERSIONS = 2  # the current one and its predecessor, for readers that resol
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 DATA_METADATA = (
     "id", "domain", "source", "answer", "model", "sample_index", "finish_reason",
-    "prompt_tokens", "completion_tokens", "seed",
+    "prompt_tokens", "completion_tokens", "seed", "pass_rate",
 )
 
 
@@ -55,31 +55,61 @@ def to_training_rows(samples: pa.Table) -> pa.Table:
     return table
 
 
-class Stats:
-    """Counts by domain and reason, accept rates, prompts with an accepted sample, token lengths.
+PASS_RATE_BINS = 10
 
-    Memory stays bounded however large the run: `add` takes one commit (it holds all samples of
-    its prompts, so prompts are counted per commit), and token lengths are histograms."""
+
+class Stats:
+    """Counts by domain and reason, accept rates, prompts with an accepted sample, token lengths,
+    pass rates and rounds per prompt.
+
+    Memory stays bounded however large the run: `add` takes a table of samples, `add_prompts`
+    prompt rows (each prompt once, however many tables its samples lie in), and token lengths
+    and pass rates are histograms."""
 
     def __init__(self) -> None:
         self.by_domain: dict[str, Counter[str]] = defaultdict(Counter)
         self.prompts: Counter[str] = Counter()
         self.prompts_ok: Counter[str] = Counter()
         self.tokens: dict[str, Counter[int]] = {"accepted": Counter(), "rejected": Counter()}
+        self.pass_rates: Counter[int] = Counter()
+        self.rounds: Counter[int] = Counter()
+        self.per_prompt: Counter[str] = Counter()
 
     def add(self, shard: pa.Table) -> None:
-        cols = shard.select(["id", "domain", "accepted", "reject_reason", "completion_tokens"]).to_pydict()
-        prompts: dict[str, set[str]] = defaultdict(set)
-        prompts_ok: dict[str, set[str]] = defaultdict(set)
-        for pid, dom, ok, reason, toks in zip(*cols.values()):
+        cols = shard.select(["domain", "accepted", "reject_reason", "completion_tokens"]).to_pydict()
+        for dom, ok, reason, toks in zip(*cols.values()):
             self.by_domain[dom][reason or "accepted"] += 1
-            prompts[dom].add(pid)
-            if ok:
-                prompts_ok[dom].add(pid)
             if toks is not None:
                 self.tokens["accepted" if ok else "rejected"][toks] += 1
-        self.prompts.update({d: len(ids) for d, ids in prompts.items()})
-        self.prompts_ok.update({d: len(ids) for d, ids in prompts_ok.items()})
+
+    def add_prompts(self, prompts: pa.Table) -> None:
+        """Prompt rows (pipeline/prompts.py): prompts per domain, pass rates, rounds, tokens, votes."""
+        cols = prompts.select(["domain", "pass_rate", "rounds", "samples", "passed", "accepted", "completion_tokens",
+                               "votes", "pseudo_label"]).to_pydict()
+        for dom, accepted in zip(cols["domain"], cols["accepted"]):
+            self.prompts[dom] += 1
+            self.prompts_ok[dom] += accepted > 0
+        for rate, rounds, votes, label in zip(cols["pass_rate"], cols["rounds"], cols["votes"], cols["pseudo_label"]):
+            self.pass_rates[min(int(rate * PASS_RATE_BINS), PASS_RATE_BINS - 1)] += 1
+            self.rounds[rounds] += 1
+            if votes is not None:
+                self.per_prompt["voted" if label is not None else "vote_undecided"] += 1
+        for name in ("samples", "passed", "accepted", "completion_tokens"):
+            self.per_prompt[name] += sum(cols[name])
+        self.per_prompt["prompts"] += prompts.num_rows
+
+    def prompt_summary(self) -> dict[str, Any]:
+        p = self.per_prompt
+        return {
+            "prompts": p["prompts"],
+            "pass_rate_histogram": {f"{i / PASS_RATE_BINS:.1f}-{(i + 1) / PASS_RATE_BINS:.1f}": self.pass_rates[i]
+                                    for i in range(PASS_RATE_BINS)},
+            "mean_pass_rate": round(p["passed"] / p["samples"], 4) if p["samples"] else 0.0,
+            "rounds": {str(k): v for k, v in sorted(self.rounds.items())},
+            "completion_tokens": p["completion_tokens"],
+            "completion_tokens_per_accepted": round(p["completion_tokens"] / p["accepted"], 1) if p["accepted"] else None,
+            "votes": {"decided": p["voted"], "undecided": p["vote_undecided"]},
+        }
 
     def summary(self) -> dict[str, Any]:
         domains = {}
@@ -101,6 +131,7 @@ class Stats:
             "accept_rate": round(accepted / total, 4) if total else 0.0,
             "domains": domains,
             "completion_tokens": {k: _quantiles(v) for k, v in self.tokens.items()},
+            "prompts": self.prompt_summary(),
         }
 
 
@@ -129,7 +160,7 @@ def data_file_names(folder: str, accepted: int, rows_per_file: int) -> list[str]
 
 def folders(version: str) -> dict[str, str]:
     """Where a version's files live; nothing else is ever written under these names."""
-    return {kind: f"{kind}/{version}" for kind in ("data", "samples", "plots")}
+    return {kind: f"{kind}/{version}" for kind in ("data", "samples", "prompts", "plots")}
 
 
 def latest_version(storage: Storage) -> dict[str, Any] | None:
@@ -140,26 +171,34 @@ def latest_version(storage: Storage) -> dict[str, Any] | None:
 
 
 def publish(fenced: Fenced, fp: str, manifest: dict[str, Any], settings: dict[str, Any], started: float,
-            selection: SelectSpec | None = None, rows_per_file: int = 100_000) -> dict[str, Any]:
+            selection: SelectSpec | None = None, rows_per_file: int = 100_000, voting: Voting | None = None,
+            rounds: bool = False) -> dict[str, Any]:
     """Publish the commits of generation fingerprint `fp` as a new version (or leave the current
-    one when nothing changed); returns its manifest."""
+    one when nothing changed); returns its manifest. `rounds`: a prompt's samples may lie in
+    several commits (adaptive sampling), so verdicts are decided over all commits first."""
     storage = fenced.storage
-    inputs = digest({"fp": fp, "commits": commit_files(storage, fp), "settings": settings})
+    files = commit_files(storage, fp)
+    inputs = digest({"fp": fp, "commits": files, "settings": settings})
 
     def cost(summary: dict[str, Any]) -> dict[str, Any]:
         return {"cost": totals(storage, fp, {d: v["accepted"] for d, v in summary["domains"].items()})}
 
-    return publish_version(fenced, inputs, lambda: committed_prompts(storage, fp), manifest, started,
-                           selection, rows_per_file, cost)
+    light = READ + ["completion"] if (selection or SelectSpec()).dedup_completions else READ
+    return publish_version(fenced, inputs, lambda: committed_prompts(storage, fp, files=files), manifest, started,
+                           selection, rows_per_file, cost, voting=voting,
+                           light_rows=(lambda: committed_prompts(storage, fp, light, files)) if rounds else None)
 
 
 def publish_version(fenced: Fenced, inputs: str, groups: Callable[[], Iterable[pa.Table]], manifest: dict[str, Any],
                     started: float, selection: SelectSpec | None = None, rows_per_file: int = 100_000,
-                    annotate: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, Any]:
+                    annotate: Callable[[dict[str, Any]], dict[str, Any]] | None = None, voting: Voting | None = None,
+                    light_rows: Callable[[], Iterable[pa.Table]] | None = None) -> dict[str, Any]:
     """Publish the sample tables `groups()` yields as a new version, unless the newest version
     was made from the same `inputs` (a digest of everything that decides its content).
 
-    Each table holds every sample of its prompts: rejection sampling (`selection`) runs per table.
+    Final verdicts (answer votes, pass rates, rejection sampling by `selection`) need all samples
+    of a prompt: each table holds all of its prompts' samples, or `light_rows()` yields the same
+    rows with light columns only, to decide over before the tables are streamed (pipeline/prompts.py).
     `annotate(stats)` adds fields to the manifest once the statistics are known."""
     storage = fenced.storage
     t0 = time.time()
@@ -173,13 +212,17 @@ def publish_version(fenced: Fenced, inputs: str, groups: Callable[[], Iterable[p
     intent = f"{VERSIONS}/pending-{version}.json"
     fenced.write_json(intent, {"version": version, "epoch": fenced.lease.epoch, "folders": where})
     stats = Stats()
-    sample_files = []
-    for i, table in enumerate(groups()):
-        table = select(table, selection or SelectSpec())
+    sample_files, prompt_files = [], []
+    for i, (table, prompts) in enumerate(judged(groups, selection or SelectSpec(), voting, light_rows)):
         rel = f"{where['samples']}/samples-{i:05d}.parquet"
         fenced.write_table(rel, table)
         stats.add(table)
         sample_files.append(rel)
+        if prompts.num_rows:
+            rel = f"{where['prompts']}/prompts-{i:05d}.parquet"
+            fenced.write_table(rel, prompts)
+            stats.add_prompts(prompts)
+            prompt_files.append(rel)
     summary = stats.summary()
     names = data_file_names(where["data"], summary["accepted"], rows_per_file)
     _write_data(fenced, sample_files, names, rows_per_file)
@@ -193,7 +236,7 @@ def publish_version(fenced: Fenced, inputs: str, groups: Callable[[], Iterable[p
         "version": version,
         "seq": seq,
         "stats": summary,
-        "files": {"data": names, "samples": sample_files, "plots": plots},
+        "files": {"data": names, "samples": sample_files, "prompts": prompt_files, "plots": plots},
         **(annotate(summary) if annotate else {}),
     }
     manifest["timings"] = {**manifest.get("timings", {}), "publish_s": round(time.time() - t0, 2),

@@ -103,12 +103,13 @@ def unified_schema(shards: list[Shard]) -> pa.Schema:
 
 
 def iter_shard(fs: fsspec.AbstractFileSystem, path: str, schema: pa.Schema, rows: int,
-               skip: frozenset[str] | None = None) -> Iterator[pa.Table]:
+               skip: frozenset[str] | None = None, constants: dict[str, int] | None = None) -> Iterator[pa.Table]:
     """A shard as tables of at most `rows` rows in `schema` (absent columns null), read as it
     streams: downstream stages start on the first rows while the rest of the file is read.
 
     With `skip` (generation), rows carry their content hash (`prompt_hash`) and those whose id
-    is in `skip` (done, or an earlier copy of the same prompt) are left out."""
+    is in `skip` (done, or an earlier copy of the same prompt) are left out; `constants` are
+    added as int64 columns (the sampling round and its first sample index)."""
     with fs.open(path, "rb") as f:
         for batch in pq.ParquetFile(f).iter_batches(batch_size=rows):
             table = pa.Table.from_batches([batch])
@@ -124,6 +125,8 @@ def iter_shard(fs: fsspec.AbstractFileSystem, path: str, schema: pa.Schema, rows
             table = table.append_column(KEY_COLUMN, pa.array(hash_rows(table), pa.string()))
             if skip:
                 table = table.filter(pa.array([pid not in skip for pid in table.column("id").to_pylist()]))
+            for name, value in (constants or {}).items():
+                table = table.append_column(name, pa.array([value] * table.num_rows, pa.int64()))
             if table.num_rows:
                 yield table
 
@@ -139,10 +142,17 @@ class Plan:
     """Prompt id -> `duplicate` / `contaminated`: committed without GPU time."""
     done: int = 0
     copies: int = 0
+    round: int = 0
+    first_sample: int = 0
+    """The round's first sample index: rounds continue each other's indexes and seeds."""
 
     def shards(self, shards: list[Shard]) -> list[Shard]:
         """The shards that still hold a prompt to generate."""
         return [s for s in shards if len(self.skip.get(s.path, ())) < s.rows]
+
+    def constants(self) -> dict[str, int]:
+        """The columns each row of this plan carries to the engine and into its samples."""
+        return {"round": self.round, "first_sample": self.first_sample}
 
 
 def scan_prompts(fs: fsspec.AbstractFileSystem, shards: list[Shard], committed: dict[str, str],
@@ -250,3 +260,18 @@ def check_prepared(fs: fsspec.AbstractFileSystem, shards: list[Shard]) -> None:
                              f"replaced; rerun `pipeline prepare`")
         if file_sha256(fs, s.path) != want.sha256:
             raise InputError(f"{s.uri}: its content is not what prepare wrote (sha256 differs); rerun `pipeline prepare`")
+
+
+def plan_round(fs: fsspec.AbstractFileSystem, shards: list[Shard], todo: set[Key], round: int,
+               first_sample: int) -> Plan:
+    """The plan of a later sampling round: only the prompts in `todo` (found by id: their
+    content was checked by round 0's scan), each read from its first copy."""
+    wanted = {pid for pid, _ in todo}
+    plan = Plan(todo=set(todo), round=round, first_sample=first_sample)
+    seen: set[str] = set()
+    for s in shards:
+        with fs.open(s.path, "rb") as f:
+            ids = pq.ParquetFile(f).read(columns=["id"]).column("id").to_pylist()
+        plan.skip[s.path] = frozenset(pid for pid in ids if pid not in wanted or pid in seen)
+        seen.update(ids)
+    return plan

@@ -7,9 +7,9 @@ import posixpath
 from collections import Counter
 from typing import Any
 
-from pipeline.card import cost_lines
+from pipeline.card import cost_lines, prompt_lines
 
-PLOTS = ("reasons.png", "lengths.png")
+PLOTS = ("reasons.png", "lengths.png", "pass_rate.png")
 
 
 def _png(fig: Any) -> bytes:
@@ -51,6 +51,17 @@ def plots(stats: dict[str, Any], tokens: dict[str, Counter[int]]) -> dict[str, b
     ax.legend()
     out["lengths.png"] = _png(fig)
     plt.close(fig)
+
+    histogram = stats.get("prompts", {}).get("pass_rate_histogram")
+    if histogram:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.bar(list(histogram), list(histogram.values()))
+        ax.set_xlabel("pass rate (samples that passed / samples)")
+        ax.set_ylabel("prompts")
+        ax.set_title("Prompts by pass rate")
+        ax.tick_params(axis="x", labelsize=7)
+        out["pass_rate.png"] = _png(fig)
+        plt.close(fig)
     return out
 
 
@@ -64,6 +75,7 @@ def markdown(manifest: dict[str, Any]) -> str:
         f"- samples {stats['samples']}, accepted {stats['accepted']} ({stats['accept_rate']:.1%})",
         f"- timings: {manifest.get('timings', {})}",
         *cost_lines(manifest.get("cost")),
+        *prompt_lines(stats.get("prompts")),
         "",
         "| domain | samples | accepted | accept rate | prompts | prompts with ≥1 accepted |",
         "|---|---|---|---|---|---|",
@@ -83,6 +95,10 @@ def markdown(manifest: dict[str, Any]) -> str:
         for dom, c in manifest["cost"]["by_domain"].items():
             lines.append(f"| {dom} | {c['samples']} | {c['accepted']} | {c['prompt']} | {c['completion']} | "
                          f"{c['tokens_per_accepted']} |")
+    histogram = stats.get("prompts", {}).get("pass_rate_histogram")
+    if histogram:
+        lines += ["", "## Prompts by pass rate", "", "| pass rate | prompts |", "|---|---|"]
+        lines += [f"| {band} | {n} |" for band, n in histogram.items()]
     lines += ["", "## Completion tokens", "", "| | mean | p50 | p90 | max |", "|---|---|---|---|---|"]
     for label, q in stats["completion_tokens"].items():
         if q:

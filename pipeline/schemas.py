@@ -13,8 +13,9 @@ SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 
 _ARROW = {"string": pa.string(), "integer": pa.int64(), "boolean": pa.bool_(), "number": pa.float64()}
 # Columns the pipeline adds on the way (besides the sample schema's own); prompt shards must not carry them.
-RENDER_COLUMNS = ("rendered", "prompt_token_ids")
-"""What the render stage adds for the engine; dropped from sample rows."""
+RENDER_COLUMNS = ("rendered", "prompt_token_ids", "first_sample")
+"""What the engine reads besides the prompt (render's chat text and tokens, the round's first
+sample index); dropped from sample rows."""
 INTERNAL_COLUMNS = RENDER_COLUMNS
 
 

@@ -1,15 +1,23 @@
-"""Rejection sampling: per prompt, drop near-identical accepted completions, then keep up to
-`keep_per_prompt` by a policy. Dropped samples stay in `samples/` with their reason."""
+"""Rejection sampling: per prompt, keep prompts in a pass-rate band, drop near-identical accepted
+completions, then keep up to `keep_per_prompt` by a policy. Dropped samples stay in `samples/`
+with their reason.
+
+Works on a prompt's light rows (id, sample_index, accepted, completion_tokens and a digest of the
+completion), so that it can run over prompts whose samples lie in many files (pipeline/prompts.py).
+"""
 
 from __future__ import annotations
 
 import hashlib
 from typing import Any
 
-import pyarrow as pa
-
 from pipeline.config import SelectSpec
 from pipeline.ngrams import digest, normalize
+
+
+def completion_digest(completion: str | None) -> bytes:
+    """Equal for completions identical up to case, spacing and punctuation."""
+    return digest(normalize(completion or ""))
 
 
 def _rank(row: dict[str, Any], policy: str) -> tuple[Any, ...]:
@@ -21,35 +29,23 @@ def _rank(row: dict[str, Any], policy: str) -> tuple[Any, ...]:
     return (row["sample_index"],)
 
 
-def select(samples: pa.Table, spec: SelectSpec) -> pa.Table:
-    """Update `accepted` / `reject_reason` of a shard's samples (all samples of a prompt are in it)."""
-    if not spec.dedup_completions and spec.keep_per_prompt is None:
-        return samples
-    rows = samples.select(["id", "sample_index", "accepted", "reject_reason", "completion", "completion_tokens"]).to_pylist()
-    by_prompt: dict[str, list[int]] = {}
-    for i, r in enumerate(rows):
-        if r["accepted"]:
-            by_prompt.setdefault(r["id"], []).append(i)
+def select_prompt(rows: list[dict[str, Any]], pass_rate: float, spec: SelectSpec) -> dict[int, str]:
+    """Which of one prompt's accepted samples to drop, and why: position in `rows` -> reason."""
+    accepted = sorted((i for i, r in enumerate(rows) if r["accepted"]), key=lambda i: rows[i]["sample_index"])
+    if spec.pass_rate is not None and not spec.pass_rate[0] <= pass_rate <= spec.pass_rate[1]:
+        return {i: "pass_rate_band" for i in accepted}
     reasons: dict[int, str] = {}
-    for idx in by_prompt.values():
-        idx.sort(key=lambda i: rows[i]["sample_index"])
-        if spec.dedup_completions:
-            seen: set[bytes] = set()
-            unique = []
-            for i in idx:
-                d = digest(normalize(rows[i]["completion"] or ""))
-                if d in seen:
-                    reasons[i] = "duplicate_completion"
-                else:
-                    seen.add(d)
-                    unique.append(i)
-            idx = unique
-        if spec.keep_per_prompt is not None:
-            for i in sorted(idx, key=lambda i: _rank(rows[i], spec.policy))[spec.keep_per_prompt:]:
-                reasons[i] = "not_selected"
-    if not reasons:
-        return samples
-    accepted = [False if i in reasons else r["accepted"] for i, r in enumerate(rows)]
-    reason = [reasons.get(i, r["reject_reason"]) for i, r in enumerate(rows)]
-    samples = samples.set_column(samples.schema.get_field_index("accepted"), "accepted", pa.array(accepted, pa.bool_()))
-    return samples.set_column(samples.schema.get_field_index("reject_reason"), "reject_reason", pa.array(reason, pa.string()))
+    if spec.dedup_completions:
+        seen: set[bytes] = set()
+        unique = []
+        for i in accepted:
+            if rows[i]["digest"] in seen:
+                reasons[i] = "duplicate_completion"
+            else:
+                seen.add(rows[i]["digest"])
+                unique.append(i)
+        accepted = unique
+    if spec.keep_per_prompt is not None:
+        for i in sorted(accepted, key=lambda i: _rank(rows[i], spec.policy))[spec.keep_per_prompt:]:
+            reasons[i] = "not_selected"
+    return reasons

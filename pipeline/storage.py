@@ -271,9 +271,13 @@ class Storage:
     def write_table(self, rel: str, table: pa.Table) -> None:
         self.write_bytes(rel, table_bytes(table))
 
-    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+    def read_table(self, rel: str, columns: list[str] | None = None, present_only: bool = False) -> pa.Table:
+        """A Parquet file (only `columns`; with `present_only`, those of them it has)."""
         with self.fs.open(self.path(rel), "rb") as f:
-            return pq.read_table(f, columns=columns)
+            if not present_only or columns is None:
+                return pq.read_table(f, columns=columns)
+            file = pq.ParquetFile(f)
+            return file.read(columns=[c for c in columns if c in file.schema_arrow.names])
 
     def read_metadata(self, rel: str) -> dict[bytes, bytes]:
         """A Parquet file's key-value metadata (only the footer is read)."""

@@ -37,7 +37,7 @@ def expect(*ids: str) -> set[tuple[str, str]]:
 
 
 def test_a_replayed_batch_is_not_counted_twice_and_a_missing_sample_keeps_its_prompt_uncommitted(fenced):
-    writer = CommitWriter(fenced, FP, "att", n=2, expected=expect("a", "b", "c"), max_prompts=100)
+    writer = CommitWriter(fenced, FP, "att", samples=range(2), expected=expect("a", "b", "c"), max_prompts=100)
     batch = rows(("a", 0), ("a", 1), ("b", 0))
     assert writer.add(batch) == 3
     assert writer.add(batch) == 0  # the same batch again (an actor restart replays it)
@@ -52,7 +52,7 @@ def test_a_replayed_batch_is_not_counted_twice_and_a_missing_sample_keeps_its_pr
 
 def test_prompts_commit_in_groups_by_count_and_by_age(fenced):
     now = [0.0]
-    writer = CommitWriter(fenced, FP, "att", n=1, expected=expect(*"abcdefg"), max_prompts=3, max_age_s=10,
+    writer = CommitWriter(fenced, FP, "att", samples=range(1), expected=expect(*"abcdefg"), max_prompts=3, max_age_s=10,
                           clock=lambda: now[0])
     writer.add(rows(("a", 0), ("b", 0)))
     assert writer.commits == []  # two complete prompts, group of three not reached, not old enough
@@ -69,7 +69,7 @@ def test_prompts_commit_in_groups_by_count_and_by_age(fenced):
 
 
 def test_rows_of_prompts_not_planned_and_out_of_range_indexes_are_ignored(fenced):
-    writer = CommitWriter(fenced, FP, "att", n=2, expected=expect("a"))
+    writer = CommitWriter(fenced, FP, "att", samples=range(2), expected=expect("a"))
     assert writer.add(rows(("zz", 0), ("a", 5), ("a", 0), ("a", 1))) == 2
     writer.flush()
     assert writer.unexpected == 1 and writer.duplicates == 1 and not writer.missing()
@@ -77,7 +77,7 @@ def test_rows_of_prompts_not_planned_and_out_of_range_indexes_are_ignored(fenced
 
 def test_committing_the_same_group_twice_leaves_one_file(fenced):
     for attempt in ("first", "retry"):
-        writer = CommitWriter(fenced, FP, attempt, n=1, expected=expect("a", "b"))
+        writer = CommitWriter(fenced, FP, attempt, samples=range(1), expected=expect("a", "b"))
         writer.add(rows(("a", 0), ("b", 0)))
         writer.flush()
     assert len(commit_files(fenced.storage, FP)) == 1
@@ -107,7 +107,7 @@ def reshard(folder: Path, size: int) -> str:
 
 def commit_plan(fenced: Fenced, plan, only: set[str]) -> None:
     """Commit the planned prompts whose id is in `only`, as a run would."""
-    writer = CommitWriter(fenced, FP, "att", n=1, expected=plan.todo)
+    writer = CommitWriter(fenced, FP, "att", samples=range(1), expected=plan.todo)
     keys = sorted(k for k in plan.todo if k[0] in only)
     writer.add(pa.Table.from_pylist([{"id": pid, "prompt_hash": h, "sample_index": 0, "accepted": True}
                                      for pid, h in keys]))

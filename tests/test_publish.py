@@ -19,6 +19,7 @@ import yaml
 
 from pipeline.commits import CommitWriter
 from pipeline.config import SelectSpec
+from pipeline.prompts import judged
 from pipeline.publish import publish, to_training_rows
 from pipeline.storage import Fenced, Lease, Storage
 
@@ -50,7 +51,7 @@ def committed(fenced: Fenced, table: pa.Table, fp: str = FP) -> None:
     """Commit a table of complete prompts through the real writer."""
     keys = set(zip(table.column("id").to_pylist(), table.column("prompt_hash").to_pylist()))
     per_prompt = table.num_rows // len(keys)
-    writer = CommitWriter(fenced, fp, fenced.lease.attempt, per_prompt, keys)
+    writer = CommitWriter(fenced, fp, fenced.lease.attempt, range(per_prompt), keys)
     writer.add(table)
     writer.flush()
     assert not writer.missing()
@@ -109,7 +110,7 @@ def test_publish_writes_a_version_then_the_card_report_and_manifest_last(tmp_pat
     # order: every version file, then the version claim, then card, report, manifest (last)
     claim = storage.writes.index(f"_pipeline/versions/{1:08d}.json")
     version_files = [w for w in storage.writes if version in w and not w.startswith("_pipeline")]
-    assert all(storage.writes.index(w) < claim for w in version_files) and len(version_files) == 3 + 2 + 2
+    assert all(storage.writes.index(w) < claim for w in version_files) and len(version_files) == 3 + 2 + 2 + 3
     assert storage.writes[-3:] == ["README.md", "report.md", "_manifest.json"]
     assert storage.read_json("_manifest.json") == manifest
     assert storage.list("data") == []  # nothing directly under data/: a listing of data/*.parquet mixes nothing
@@ -172,9 +173,13 @@ def test_no_accepted_sample_still_publishes_a_loadable_empty_file(tmp_path):
     assert t.num_rows == 0 and "messages" in t.column_names
 
 
-def test_rejection_sampling_keeps_k_per_prompt_and_drops_identical_completions():
-    from pipeline.select import select
+def select(table: pa.Table, spec: SelectSpec) -> pa.Table:
+    """Final verdicts of one table holding all samples of its prompts (the one-pass path)."""
+    ((out, _),) = judged(lambda: [table], spec)
+    return out
 
+
+def test_rejection_sampling_keeps_k_per_prompt_and_drops_identical_completions():
     rows = []
     for pid, comps in {"p": ["A long answer, 4.", "a long answer 4", "Short: 4.", "Another way: 4."], "q": ["x=1", "wrong"]}.items():
         for i, c in enumerate(comps):
@@ -188,12 +193,11 @@ def test_rejection_sampling_keeps_k_per_prompt_and_drops_identical_completions()
         ("p", 3, True, None), ("q", 0, True, None), ("q", 1, False, "answer_mismatch")]
     first = select(t, SelectSpec(keep_per_prompt=1)).to_pylist()
     assert [r["accepted"] for r in first] == [True, False, False, False, True, False]
-    assert select(t, SelectSpec(dedup_completions=False)).equals(t)
+    unchanged = select(t, SelectSpec(dedup_completions=False))
+    assert unchanged.select(t.column_names).equals(t)
 
 
 def test_random_selection_is_spread_and_does_not_depend_on_row_order():
-    from pipeline.select import select
-
     rows = [{"id": f"p{p}", "sample_index": i, "accepted": True, "reject_reason": None,
              "completion": f"answer {p} way {i}", "completion_tokens": 10}
             for p in range(200) for i in range(4)]

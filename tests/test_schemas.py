@@ -22,7 +22,7 @@ def test_all_null_required_string_column_is_rejected():
 
 
 def test_reserved_column_is_rejected():
-    for col in ("prompt_hash", "rendered", "sample_index", "accepted"):
+    for col in ("prompt_hash", "rendered", "sample_index", "accepted", "round", "first_sample"):
         s = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("domain", pa.string()), (col, pa.string())])
         assert any(f"column {col!r} is reserved" in p for p in schemas.check_columns("prompt", s)), col
 
@@ -37,7 +37,7 @@ def test_every_reason_the_code_emits_is_documented():
         used |= set(re.findall(r'Verdict\.reject\(\s*"([a-z_]+)"', text))
         used |= set(re.findall(r'Rendered\([^)]*"([a-z_]+)"\)', text))
         used |= set(re.findall(r'Rendered\(None, None, "([a-z_]+)"\)', text))
-        used |= set(re.findall(r'"(engine_error|judge_rejected|duplicate_completion|not_selected)"', text))
+        used |= set(re.findall(r'"(engine_error|judge_rejected|duplicate_completion|not_selected|pass_rate_band|minority_answer|no_majority)"', text))
     assert used, "the scan found nothing: the test would pass vacuously"
     assert used <= codes, f"undocumented reason codes: {used - codes}"
 

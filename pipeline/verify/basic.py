@@ -20,6 +20,14 @@ class AcceptVerifier:
         return Verdict.accept()
 
 
+def choice_letter(answer: str | None) -> str | None:
+    """The option letter of an extracted answer (`B`, `(b)`, `\\text{C}`, `D. 42`); None if it names none."""
+    if answer is None:
+        return None
+    m = _LETTER.match(re.sub(r"^\\text\{(.*)\}$", r"\1", answer.strip()).upper())
+    return m.group(1) if m else None
+
+
 class ChoiceVerifier:
     """The option letter in the final part (boxed, or 'the answer is (B)') against the reference letter."""
 
@@ -32,11 +40,11 @@ class ChoiceVerifier:
         pred = extract_answer(sample.get("final"))
         if pred is None:
             return Verdict.reject("no_answer")
-        m = _LETTER.match(re.sub(r"^\\text\{(.*)\}$", r"\1", pred.strip()).upper())
-        if not m:
+        letter = choice_letter(pred)
+        if letter is None:
             return Verdict.reject("no_answer", extracted=pred)
-        ok = m.group(1) == gold
-        return Verdict(ok, None if ok else "answer_mismatch", {"extracted": m.group(1)})
+        ok = letter == gold
+        return Verdict(ok, None if ok else "answer_mismatch", {"extracted": letter})
 
 
 VERIFIERS.register("accept")(AcceptVerifier)

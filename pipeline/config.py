@@ -39,17 +39,54 @@ class ModelSpec(Strict):
 
 
 class EngineSpec(Strict):
-    """Arguments of `vllm.LLM`; the common ones typed, the rest in `kwargs`."""
+    """Arguments of vLLM's engine (`vllm.AsyncEngineArgs`): the common ones typed, the rest in `kwargs`."""
 
     tensor_parallel_size: int = Field(1, ge=1)
     dtype: str = "auto"
     max_model_len: int | None = Field(None, ge=16)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     enforce_eager: bool = False
+    batch_invariant: bool = Field(
+        False,
+        description="vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1, vllm/model_executor/determinism): a "
+        "sample depends on its prompt and seed only, not on what the engine batched with it. GPUs only; slower.",
+    )
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("kwargs")
+    @classmethod
+    def _one_engine(cls, v: dict[str, Any]) -> dict[str, Any]:
+        """An engine actor is one engine on one node: typed keys stay typed, data parallelism is
+        more actors, and the executor is one that keeps the engine's GPUs with the actor."""
+        if "model" in v:
+            raise ValueError("set model.path instead of engine.kwargs.model")
+        typed = sorted(set(v) & {"tensor_parallel_size", "dtype", "max_model_len", "gpu_memory_utilization",
+                                 "enforce_eager"})
+        if typed:
+            raise ValueError(f"set {', '.join(typed)} as engine.<key>, not in engine.kwargs")
+        if v.get("data_parallel_size", 1) != 1:
+            raise ValueError("data_parallel_size: each engine actor is one data-parallel replica; "
+                             "raise resources.engine_actors (judge.actors for the judge) instead")
+        pp = v.get("pipeline_parallel_size", 1)
+        if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
+            raise ValueError(f"pipeline_parallel_size must be an integer >= 1, got {pp!r}")
+        backend = v.get("distributed_executor_backend")
+        if backend not in (None, "mp", "uni", "ray"):
+            raise ValueError(f"distributed_executor_backend {backend!r}: use mp (default) or ray")
+        return v
+
+    @property
+    def gpus(self) -> int:
+        """GPUs one engine uses, all on one node: tensor x pipeline parallel."""
+        return self.tensor_parallel_size * int(self.kwargs.get("pipeline_parallel_size", 1))
+
+    @property
+    def ray_workers(self) -> bool:
+        """vLLM runs its workers as Ray actors (they need a placement group, not the actor's GPUs)."""
+        return self.kwargs.get("distributed_executor_backend") == "ray"
+
     def llm_kwargs(self, model: str) -> dict[str, Any]:
-        """Everything `vllm.LLM(**...)` receives."""
+        """Everything `vllm.AsyncEngineArgs(**...)` receives."""
         args: dict[str, Any] = {
             "model": model,
             "tensor_parallel_size": self.tensor_parallel_size,
@@ -180,7 +217,8 @@ class JudgeSpec(Strict):
 
     enabled: bool = False
     model: ModelSpec | None = Field(None, description="Defaults to the generating model.")
-    engine: EngineSpec = Field(default_factory=EngineSpec)
+    engine: EngineSpec | None = Field(
+        None, description="The judge's engine: the generator's `engine:` settings, with the keys set here replaced.")
     sampling: dict[str, Any] = Field(default_factory=lambda: {"temperature": 0.0, "max_tokens": 256})
     prompt: str | None = Field(None, description="Template with {prompt}, {reference}, {answer}; see pipeline/verify/judge.py.")
     reasons: list[str] = Field(default_factory=lambda: ["answer_mismatch", "no_answer", "no_reference"],
@@ -194,13 +232,30 @@ class JudgeSpec(Strict):
 class ResourceSpec(Strict):
     """How the run uses the cluster: the only place that talks about actors and batches."""
 
-    engine_actors: int = Field(1, ge=1, description="vLLM engines (each holds tensor_parallel_size GPUs).")
+    engine_actors: int = Field(1, ge=1, description="vLLM engines, each on one node with engine.tensor_parallel_size "
+                               "x pipeline_parallel_size GPUs.")
     engine_cpus: float = Field(1, gt=0)
-    batch_size: int = Field(64, ge=1, description="Prompts per engine batch.")
-    engine_batches_in_flight: int = Field(
-        4, ge=1,
-        description="Batches each engine works on at once: the engine keeps queued requests while a batch's "
-        "tail decodes and finished batches move on (engine_actors x this x batch_size x n sequences in flight).",
+    batch_size: int = Field(
+        8, ge=1,
+        description="Prompts per engine task. A task's samples leave the engine together, when its slowest sequence "
+        "ends: small groups stream results out and bound what a restart replays.",
+    )
+    engine_batches_in_flight: int | None = Field(
+        None, ge=1,
+        description="Engine tasks each engine actor holds at once; default: enough to offer the engine 1.5x its "
+        "running capacity (max_num_seqs). The engine itself is offered at most that many sequences.",
+    )
+    engine_restarts: int = Field(3, ge=0, description="Times Ray restarts an engine actor whose engine died; "
+                                 "in-flight tasks are replayed on the new engine. One death more fails the run.")
+    start_timeout_s: float = Field(
+        1800, gt=0,
+        description="How long the run waits for its actors to start (engines download and load the model) before it "
+        "fails with a placement error instead of waiting for resources forever.",
+    )
+    stall_timeout_s: float = Field(
+        7200, gt=0,
+        description="Fail the run when nothing moves for this long (Ray Data's no-progress guard). An engine task "
+        "returns when its longest sequence ends: tens of minutes for 32k-token traces on a loaded GPU.",
     )
     engine_resources: dict[str, float] = Field(
         default_factory=dict,
@@ -309,6 +364,20 @@ class JobConfig(Strict):
         return self.model.reasoning if self.render.think_prefill is None else self.render.think_prefill
 
     @property
+    def judge_model(self) -> ModelSpec:
+        return self.judge.model or self.model
+
+    @property
+    def judge_engine(self) -> EngineSpec:
+        """The judge's engine: the generator's settings (a 70B job's TP and max_model_len), with what
+        `judge.engine` sets replaced; its kwargs are merged into the generator's."""
+        own = self.judge.engine
+        if own is None:
+            return self.engine
+        update = {k: getattr(own, k) for k in own.model_fields_set if k != "kwargs"}
+        return self.engine.model_copy(update={**update, "kwargs": {**self.engine.kwargs, **own.kwargs}})
+
+    @property
     def verify_workers(self) -> int:
         """Checks run in parallel by each CPU stage actor: as many as it reserved CPUs."""
         return self.verify.workers or max(1, math.ceil(self.resources.cpu_stage_cpus))
@@ -316,6 +385,34 @@ class JobConfig(Strict):
 
 class ConfigError(ValueError):
     """A job file that cannot run; the message is one line meant for the user."""
+
+
+# A reasoning judge thinks before its verdict: R1 distills take thousands of tokens for a grading.
+REASONING_JUDGE_MIN_TOKENS = 4096
+# The grading prompt: template, problem, reference and the answer's last 4,000 characters
+# (pipeline/verify/judge.py:judge_prompt), about 1,000-1,500 tokens; the rest of max_model_len is the reply's.
+JUDGE_PROMPT_TOKENS = 2048
+
+
+def judge_problems(job: JobConfig) -> list[str]:
+    """Why the job's judge could not work, found before any engine starts (pre-flight calls this;
+    `pipeline.run.check_fits` checks that the judge's GPUs can be placed)."""
+    if not job.judge.enabled:
+        return []
+    problems = []
+    # vLLM's SamplingParams default is max_tokens=16 (vllm/sampling_params.py).
+    budget = int(job.judge.sampling.get("max_tokens") or 16)
+    if job.judge_model.reasoning and budget < REASONING_JUDGE_MIN_TOKENS:
+        problems.append(
+            f"judge: the judge model reasons before its verdict (model.reasoning) but judge.sampling.max_tokens is "
+            f"{budget}: replies would end mid-thought and every verdict be `unparsed`; set it >= "
+            f"{REASONING_JUDGE_MIN_TOKENS} or judge with a non-reasoning model")
+    limit = job.judge_engine.max_model_len
+    if limit is not None and budget + JUDGE_PROMPT_TOKENS > limit:
+        problems.append(
+            f"judge: max_model_len {limit} leaves no room for a grading prompt (~{JUDGE_PROMPT_TOKENS} tokens) and "
+            f"judge.sampling.max_tokens {budget}; raise judge.engine.max_model_len or lower max_tokens")
+    return problems
 
 
 def _resolve_relative(cfg: JobConfig, base: Path) -> JobConfig:

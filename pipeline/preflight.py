@@ -160,8 +160,6 @@ def check_engine(where: str, spec: EngineSpec, judge: bool) -> None:
         own = [p for p in inspect.signature(LLM.__init__).parameters if p not in ("self", "kwargs")]
         types.update({p: Any for p in own if p not in types})
     names = sorted(types)
-    if "model" in spec.kwargs:
-        raise ConfigError(f"{where}.kwargs.model: set model.path instead")
     for key, value in spec.llm_kwargs("").items():
         if key == "model":
             continue

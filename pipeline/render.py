@@ -14,6 +14,17 @@ from pipeline.verify.code import parse_tests
 THINK_PREFILL = "<think>\n"
 
 
+def chat_text(tokenizer: Any, messages: list[dict[str, str]], prefill: str = "", chat_template: str | None = None) -> str:
+    """The model's chat template applied with the generation prompt, then `prefill`, unless the
+    template already ends the prompt with it: DeepSeek's R1-distill templates end with
+    '<｜Assistant｜><think>\\n' since February 2025 (their first release ended with '<｜Assistant｜>'),
+    and a second '<think>' would put a stray tag in every prompt."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, chat_template=chat_template)
+    if prefill and not text.rstrip().endswith(prefill.strip()):
+        text += prefill
+    return text
+
+
 @dataclass(frozen=True)
 class Rendered:
     text: str | None
@@ -53,10 +64,7 @@ class Renderer:
         messages = [{"role": "user", "content": self.user_turn(prompt, row.get("domain") or "")}]
         if self.system_prompt:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, chat_template=self.chat_template
-        )
-        text += self.prefill
+        text = chat_text(self.tokenizer, messages, self.prefill, self.chat_template)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if self.max_model_len and len(ids) + self.min_new_tokens > self.max_model_len:
             return Rendered(text, None, "prompt_too_long")

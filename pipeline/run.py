@@ -7,7 +7,9 @@ sizes). Stages are plain callables; storage and publishing know nothing of Ray.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import math
 import os
 import platform
 import threading
@@ -21,11 +23,11 @@ import pyarrow as pa
 from pipeline import console, priority
 from pipeline.check import CheckStage
 from pipeline.commits import CommitWriter, committed_keys
-from pipeline.config import ConfigError, JobConfig
+from pipeline.config import ConfigError, EngineSpec, JobConfig
 from pipeline.cost import Ledger
 from pipeline.errors import RunFailed
 from pipeline.fingerprint import differences, digest, generation_doc, publish_doc
-from pipeline.generate import EngineStage, JudgeStage
+from pipeline.generate import LARGEST_DEFAULT_MAX_NUM_SEQS, OFFERED_PER_RUNNING, EngineStage, JudgeStage
 from pipeline.publish import publish
 from pipeline.ngrams import Contamination
 from pipeline.preflight import preflight
@@ -150,6 +152,7 @@ def _generate(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: 
     voting = _voting(job)
     rounds = Rounds(job.adaptive, fenced.storage, fp, voting) if job.adaptive else None
     spent: Counter[str] = Counter()
+    engines: list[dict[str, Any]] = []
     for r in range(job.rounds):
         if rounds is not None and r:  # a barrier per round: the next is planned from all committed verdicts
             plan = rounds.plan(fs, shards, r)
@@ -157,7 +160,9 @@ def _generate(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: 
                      r, len(plan.todo), len(job.round_samples(r)), plan.done)
         t0 = time.time()
         if plan.todo:
-            spent.update(_execute(job.for_round(r), fs, plan.shards(shards), plan, fenced, fp, attempt))
+            counts, started_engines = _execute(job.for_round(r), fs, plan.shards(shards), plan, fenced, fp, attempt)
+            spent.update(counts)
+            engines += started_engines
             timings["generate_s"] = round(timings.get("generate_s", 0) + time.time() - t0, 2)
         if rounds is not None:
             run.setdefault("rounds", []).append({"round": r, "prompts_to_generate": len(plan.todo),
@@ -174,6 +179,7 @@ def _generate(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: 
         "shards": [s.uri for s in shards],
         "run": run,
         "timings": timings,
+        "engines": engines,
     }
     published = publish(fenced, fp, manifest, publish_doc(job), started, job.select, job.rows_per_data_file,
                         voting=voting, rounds=rounds is not None)
@@ -190,33 +196,48 @@ def _voting(job: JobConfig) -> Voting | None:
                   Equivalence(job.verify_workers, job.verify.timeout_s, job.verify.memory_mb))
 
 
-def check_fits(job: JobConfig, cluster: dict[str, float], use_gpu: bool) -> None:
-    """Refuse a plan whose actors cannot all be placed: Ray would wait forever instead of failing."""
+def check_fits(job: JobConfig, nodes: list[dict[str, float]], use_gpu: bool) -> None:
+    """Refuse a plan whose actors cannot all be placed on the cluster's nodes (`ray.nodes()` totals):
+    an engine's GPUs must be on one node, and Ray would wait for them forever instead of failing."""
     res = job.resources
-    # + cpu_stage_cpus: at least one shard-read task runs beside the actors.
-    judge = job.judge.actors * job.judge.cpus if job.judge.enabled else 0
-    cpu_stage_actors = res.cpu_actors if res.check_resources else 2 * res.cpu_actors  # check actors may take no CPU
-    cpus = res.engine_actors * res.engine_cpus + (cpu_stage_actors + 1) * res.cpu_stage_cpus + judge
-    if cpus > cluster.get("CPU", 0):
-        raise ConfigError(
-            f"resources: the plan needs {cpus:g} CPUs (engines {res.engine_actors}x{res.engine_cpus:g}, "
-            f"render/verify actors and a read task at {res.cpu_stage_cpus:g} each, judges {judge:g}) but the cluster has "
-            f"{cluster.get('CPU', 0):g}; lower resources.* or add nodes"
-        )
-    gpus = res.engine_actors * job.engine.tensor_parallel_size
+    wants: list[tuple[str, int, dict[str, float]]] = []
+    for role, spec, count, cpus in _engines(job):
+        if spec.ray_workers and not use_gpu:
+            raise ConfigError(f"{role}: distributed_executor_backend ray places vLLM's workers on GPUs; the cluster has none")
+        extra = res.engine_resources if role == "generator" else {}
+        wants.append((role, count, {"CPU": cpus, "GPU": spec.gpus if use_gpu else 0, **extra}))
+    # render actors and at least one shard-read task; check actors where resources.check_resources puts them
+    wants.append(("render actor or read task", res.cpu_actors + 1, {"CPU": res.cpu_stage_cpus, "GPU": 0}))
+    wants.append(("check actor", res.cpu_actors,
+                  {"CPU": 0 if res.check_resources else res.cpu_stage_cpus, "GPU": 0, **res.check_resources}))
+    free = [dict(n) for n in nodes]
+    for what, count, demand in sorted(wants, key=lambda w: (-w[2]["GPU"], -w[2]["CPU"])):  # largest first
+        for i in range(count):
+            node = next((f for f in free if all(f.get(k, 0) + 1e-9 >= v for k, v in demand.items() if v)), None)
+            if node is None:
+                raise ConfigError(_no_room(what, i, count, demand, nodes))
+            for k, v in demand.items():
+                node[k] = node.get(k, 0) - v
+
+
+def _engines(job: JobConfig) -> list[tuple[str, EngineSpec, int, float]]:
+    """(role, engine settings, actors, CPUs per actor) of the run's engine pools."""
+    pools = [("generator", job.engine, job.resources.engine_actors, job.resources.engine_cpus)]
     if job.judge.enabled:
-        gpus += job.judge.actors * job.judge.engine.tensor_parallel_size
-    if use_gpu and gpus > cluster.get("GPU", 0):
-        raise ConfigError(
-            f"resources: {res.engine_actors} engines x tensor_parallel_size {job.engine.tensor_parallel_size} "
-            f"(and the judges) need {gpus} GPUs; the cluster has {cluster.get('GPU', 0):g}"
-        )
-    for actors, count, wanted in (("engines", res.engine_actors, res.engine_resources),
-                                  ("check actors", res.cpu_actors, res.check_resources)):
-        for name, amount in wanted.items():
-            if count * amount > cluster.get(name, 0):
-                raise ConfigError(f"resources: {count} {actors} x {amount:g} {name!r} need {count * amount:g}; "
-                                  f"the cluster advertises {cluster.get(name, 0):g} (start nodes with --resources)")
+        pools.append(("judge", job.judge_engine, job.judge.actors, job.judge.cpus))
+    return pools
+
+
+def _no_room(what: str, i: int, count: int, demand: dict[str, float], nodes: list[dict[str, float]]) -> str:
+    have = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes) or "none"
+    gpus = demand.get("GPU", 0)
+    if gpus > max((n.get("GPU", 0) for n in nodes), default=0):
+        hint = (f"no node has {gpus:g} GPUs and an engine cannot span nodes: give GPU nodes (pods) whole, with at "
+                f"least {gpus:g} GPUs each, or lower tensor_parallel_size x pipeline_parallel_size")
+    else:
+        hint = "lower resources.* (actors, CPUs) or add nodes"
+    return (f"resources: {what} {i + 1} of {count} needs {demand.get('CPU', 0):g} CPUs and {gpus:g} GPUs on one node "
+            f"after the larger actors are placed; the nodes have {have}: {hint}")
 
 
 def check_placement(args: dict[str, Any], check_resources: dict[str, float]) -> dict[str, Any]:
@@ -250,8 +271,142 @@ def read_shards(fs: Any, shards: list[Shard], rows: int, num_cpus: float, plan: 
     return ds.repartition(target_num_rows_per_block=rows)
 
 
+# Engine and check actors stop their subprocesses themselves, in order, as their process exits
+# (generate.Engine.close runs at exit; multiprocessing's finalizers unregister what they created).
+# Ray 2.60 by default SIGKILLs an exiting worker's direct children first, before the actor's shutdown
+# callback and the interpreter's exit (core_worker_shutdown_executor.cc: ExecuteExit calls
+# KillChildProcessesImmediately): vLLM's engine core died under its client (EngineDeadError logged
+# at every successful run), and multiprocessing's resource tracker died before the finalizers that
+# unregister shared memory and semaphores (resource_tracker tracebacks: KeyError '/psm_...',
+# '/mp-...'). A crashed actor is still cleaned up: Raylet kills each worker's process group when
+# the worker exits.
+ACTOR_ENV = {"RAY_kill_child_processes_on_worker_exit": "0"}
+
+
+class EngineReports:
+    """A small actor of the run collecting what engine actors report: the settings each engine
+    resolved at start-up (for the manifest) and each engine death with its root cause."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def add(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def all(self) -> list[dict[str, Any]]:
+        return self.events
+
+
+def _report(reports: Any, event: dict[str, Any]) -> None:
+    import ray
+
+    ray.get(reports.add.remote(event), timeout=30)
+
+
+def engine_tasks(spec: EngineSpec, prompts_per_task: int, n: int) -> int:
+    """Tasks an engine actor holds at once: enough to offer its engine OFFERED_PER_RUNNING x the
+    sequences it runs. Only the engine's node knows its GPU and so vLLM's max_num_seqs: without the
+    job's own, plan for vLLM's largest default; the engine is never offered more (generate.Engine)."""
+    running = spec.kwargs.get("max_num_seqs")
+    if running is None:
+        running = LARGEST_DEFAULT_MAX_NUM_SEQS * (2 if spec.kwargs.get("performance_mode") == "throughput" else 1)
+    running *= int(spec.kwargs.get("pipeline_parallel_size", 1))
+    return max(2, math.ceil(OFFERED_PER_RUNNING * running / (prompts_per_task * n)))
+
+
+def _placement(gpus: int, cpus: float) -> dict[str, Any]:
+    """With vLLM's Ray executor: a placement group holding the engine's GPUs on one node, which vLLM's
+    workers inherit while the actor itself takes no GPU, as ray.data.llm builds it
+    (vllm_engine_stage.py:_ray_scheduling_strategy_fn), but STRICT_PACK: one node. vLLM finds it
+    through get_current_placement_group (vllm/engine/arg_utils.py:EngineArgs.create_engine_config)."""
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = placement_group([{"GPU": 1, "CPU": cpus}] + [{"GPU": 1} for _ in range(gpus - 1)], strategy="STRICT_PACK")
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)}
+
+
+def engine_pool(job: JobConfig, role: str, use_gpu: bool, report: Any) -> dict[str, Any]:
+    """`map_batches` arguments of the generator's or the judge's engine actors."""
+    import ray
+
+    (spec, actors, cpus), batch_size, n = (
+        ((job.engine, job.resources.engine_actors, job.resources.engine_cpus), job.resources.batch_size, job.n)
+        if role == "generator" else ((job.judge_engine, job.judge.actors, job.judge.cpus), job.judge.batch_size, 1))
+    tasks = (job.resources.engine_batches_in_flight if role == "generator" else None) or engine_tasks(spec, batch_size, n)
+    env = {**ACTOR_ENV, **({"VLLM_BATCH_INVARIANT": "1"} if spec.batch_invariant else {})}
+    return {
+        "fn_constructor_args": (job, report),
+        "batch_format": "pyarrow",
+        "batch_size": batch_size,
+        # the UDF is a coroutine: this many tasks run at once on one actor, sharing its engine
+        "compute": ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=tasks,
+                                              max_concurrent_calls_per_actor=tasks),
+        "num_cpus": cpus,
+        "num_gpus": spec.gpus if use_gpu and not spec.ray_workers else 0,
+        "runtime_env": {"env_vars": env},
+        # Ray 2.60 has no named parameter for it (map_batches' **ray_remote_args are deprecated for 2.64)
+        "max_restarts": job.resources.engine_restarts,
+        **({"resources": job.resources.engine_resources} if role == "generator" and job.resources.engine_resources else {}),
+        **({"ray_remote_args_fn": functools.partial(_placement, spec.gpus, cpus)} if use_gpu and spec.ray_workers else {}),
+    }
+
+
+def add_engines(ds: Any, job: JobConfig, use_gpu: bool, report: Any) -> Any:
+    """The generator's engine stage on `ds`: tasks of resources.batch_size prompts, whose samples
+    leave the engine when the task's last prompt is done."""
+    ds = ds.repartition(target_num_rows_per_block=job.resources.batch_size)
+    return ds.map_batches(EngineStage, **engine_pool(job, "generator", use_gpu, report))
+
+
+def results(ds: Any, job: JobConfig, reports: Any) -> Iterator[pa.Table]:
+    """The plan's output batches. What engines report is logged as it comes (their resolved settings
+    at start-up, their deaths); actors that cannot start and engines that keep dying end the run with
+    the reason, not with Ray's internals."""
+    import ray
+
+    seen = 0
+    last = 0.0
+
+    def log_reports() -> list[dict[str, Any]]:
+        nonlocal seen, last
+        events = ray.get(reports.all.remote())
+        for e in events[seen:]:
+            if e["event"] == "started":
+                log.info("%s engine (pid %d): %s", e["role"], e["pid"],
+                         ", ".join(f"{k}={v}" for k, v in e.items() if k not in ("event", "role", "pid")))
+            else:
+                log.warning("%s engine (pid %d) died: %s; Ray restarts it and replays its tasks", e["role"], e["pid"],
+                            e["cause"])
+        seen, last = len(events), time.monotonic()
+        return events
+
+    try:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            if time.monotonic() - last > 10:
+                log_reports()
+            yield batch
+    except ray.exceptions.GetTimeoutError:
+        needs = "; ".join(f"{role}: {spec.gpus} GPUs and {cpus:g} CPUs on one node per actor"
+                          for role, spec, _, cpus in _engines(job))
+        raise ConfigError(
+            f"resources: the run's actors did not all start within resources.start_timeout_s="
+            f"{job.resources.start_timeout_s:g}s ({needs}): the cluster's free resources cannot place them (see "
+            f"`ray status` for pending demands), or loading the model takes longer (raise start_timeout_s)") from None
+    except Exception as e:
+        deaths = [r for r in log_reports() if r["event"] == "died"]
+        if not deaths:
+            raise
+        raise RunFailed(
+            f"the run failed after {len(deaths)} engine death(s) (resources.engine_restarts="
+            f"{job.resources.engine_restarts} restarts per actor); last root cause: {deaths[-1]['cause']}") from e
+    log_reports()
+
+
 def _execute(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: Fenced, fp: str,
-             attempt: str) -> dict[str, Any]:
+             attempt: str) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """Run the plan (one sampling round); returns what it committed and what each engine resolved
+    at start-up (scheduler settings, KV cache)."""
     import ray
 
     init_ray(job.resources.background_nice)
@@ -260,44 +415,34 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: F
     # Small blocks stay small: a shard's first rows go on to the engine without waiting for more.
     ctx.target_min_block_size = 1
     res = job.resources
-    cluster = ray.cluster_resources()
-    use_gpu = cluster.get("GPU", 0) > 0
-    check_fits(job, cluster, use_gpu)
+    # A missing resource fails the run after this long, not never (Ray's default waits forever):
+    # actor_pool_map_operator.py:ActorPoolMapOperator.start.
+    ctx.wait_for_min_actors_s = math.ceil(res.start_timeout_s)
+    ctx.execution_no_progress_timeout_s = res.stall_timeout_s
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    use_gpu = any(n.get("GPU", 0) > 0 for n in nodes)
+    check_fits(job, nodes, use_gpu)
+    reports = ray.remote(num_cpus=0)(EngineReports).remote()
+    report = functools.partial(_report, reports)
     pool = ray.data.ActorPoolStrategy
-    cpu_stage = {"batch_format": "pyarrow", "compute": pool(size=res.cpu_actors), "num_cpus": res.cpu_stage_cpus}
+    cpu_stage = {"batch_format": "pyarrow", "compute": pool(size=res.cpu_actors), "num_cpus": res.cpu_stage_cpus,
+                 "runtime_env": {"env_vars": ACTOR_ENV}}
     ds = read_shards(fs, shards, res.cpu_batch_size, res.cpu_stage_cpus, plan)
     ds = ds.map_batches(RenderStage, fn_constructor_args=(job, plan.flagged), batch_size=res.cpu_batch_size, **cpu_stage)
-    ds = ds.map_batches(
-        EngineStage,
-        fn_constructor_args=(job,),
-        batch_format="pyarrow",
-        batch_size=res.batch_size,
-        compute=pool(size=res.engine_actors, max_tasks_in_flight_per_actor=res.engine_batches_in_flight),
-        max_concurrency=res.engine_batches_in_flight,  # EngineStage is async: batches overlap in one engine
-        num_cpus=res.engine_cpus,
-        num_gpus=job.engine.tensor_parallel_size if use_gpu else 0,
-        resources=res.engine_resources or None,
-    )  # Ray Data restarts a dead actor and retries its in-flight batches (max_restarts=-1 by default)
-    ds = ds.map_batches(CheckStage, fn_constructor_args=(job,), batch_size=res.cpu_batch_size,
+    ds = add_engines(ds, job, use_gpu, report)
+    # each engine task's samples are checked as they come, not held until cpu_batch_size rows gather
+    ds = ds.map_batches(CheckStage, fn_constructor_args=(job,), batch_size=min(res.cpu_batch_size, res.batch_size * job.n),
                         **check_placement(cpu_stage, res.check_resources))
     if job.judge.enabled:
-        ds = ds.map_batches(
-            JudgeStage,
-            fn_constructor_args=(job,),
-            batch_format="pyarrow",
-            batch_size=job.judge.batch_size,
-            compute=pool(size=job.judge.actors),
-            num_cpus=job.judge.cpus,
-            num_gpus=job.judge.engine.tensor_parallel_size if use_gpu else 0,
-        )
+        ds = ds.map_batches(JudgeStage, **engine_pool(job, "judge", use_gpu, report))
     writer = CommitWriter(fenced, fp, attempt, job.round_samples(plan.round), plan.todo, job.commit.max_prompts,
                           job.commit.max_age_s, round=plan.round)
-    ledger = Ledger(fenced, attempt, fp, res.engine_actors, job.engine.tensor_parallel_size if use_gpu else 0,
+    ledger = Ledger(fenced, attempt, fp, res.engine_actors, job.engine.gpus if use_gpu else 0,
                     round=plan.round)
     metrics = Metrics()
     try:
         with console.Progress(len(plan.todo) * job.n) as progress:
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for batch in results(ds, job, reports):
                 if progress.waiting:
                     log.info("first samples after %.0fs", progress.elapsed)
                 commits = len(writer.commits)
@@ -313,8 +458,9 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: F
     missing = writer.missing()
     if missing:
         raise RunFailed(f"{len(missing)} of {len(plan.todo)} prompts were not completed (e.g. id {missing[0][0]!r}); "
-                            "the rest is committed: rerun the same command to finish them")
-    return {"commits_written": len(writer.commits), "replayed_samples_dropped": writer.duplicates}
+                        "the rest is committed: rerun the same command to finish them")
+    engines = [e for e in ray.get(reports.all.remote()) if e["event"] == "started"]
+    return {"commits_written": len(writer.commits), "replayed_samples_dropped": writer.duplicates}, engines
 
 
 def curate(job: JobConfig, inputs: list[str], output: str) -> str:

@@ -133,7 +133,7 @@ def test_the_writer_takes_only_its_round_and_its_indexes(fenced):
 
 
 def test_an_engine_round_continues_sample_indexes_and_seeds():
-    from test_generate_unit import collect, stage
+    from test_generate_unit import stage
 
     from pipeline.generate import request_seed
 
@@ -143,7 +143,7 @@ def test_an_engine_round_continues_sample_indexes_and_seeds():
         schema=pa.schema([("id", pa.string()), ("prompt", pa.string()), ("domain", pa.string()),
                           ("prompt_token_ids", pa.list_(pa.int32())), ("reject_reason", pa.string()),
                           ("round", pa.int64()), ("first_sample", pa.int64())]))
-    (table,) = asyncio.run(collect(stage(n=2, seed=5), batch))
+    table = asyncio.run(stage(n=2, seed=5)(batch))
     rows = table.to_pylist()
     assert [(r["round"], r["sample_index"]) for r in rows] == [(2, 6), (2, 7)]
     assert rows[0]["seed"] == request_seed(5, "a") + 6  # round 0 used base..base+5 for indexes 0..5

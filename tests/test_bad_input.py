@@ -232,7 +232,7 @@ def test_preflight_loads_the_tokenizer_and_renders_the_chat_template(monkeypatch
     ({"sampling.output_kind": 2}, "sampling.output_kind: set by the pipeline"),
     ({"engine.kwargs.max_num_batched_token": 8192}, "engine.kwargs.max_num_batched_token: not a vLLM engine argument; did you mean 'max_num_batched_tokens'?"),
     ({"engine.kwargs.max_num_seqs": "lots"}, "engine.kwargs.max_num_seqs: 'lots' is not valid"),
-    ({"engine.kwargs.model": "x"}, "engine.kwargs.model: set model.path instead"),
+
     ({"engine.dtype": "float33"}, "engine.dtype: 'float33' is not valid"),
     ({"filters": [{"name": "repetitions"}]}, "filters[0]: unknown filter 'repetitions'"),
     ({"filters": [{"name": "long_paragraph", "params": {"max_wrds": 3}}]},
@@ -253,6 +253,11 @@ def test_preflight_checks_units_sampling_and_engine_arguments_before_ray(monkeyp
     top = {k: v for k, v in sets.items() if "." not in k}
     job = demo_job(monkeypatch, **{k: v for k, v in sets.items() if "." in k}, **top)
     assert preflight_error(job).startswith(message)
+
+
+def test_the_model_is_not_an_engine_keyword():
+    with pytest.raises(ConfigError, match=r"engine.kwargs: .*set model.path instead of engine.kwargs.model"):
+        load_job(None, {"engine.kwargs.model": "x"})
 
 
 def test_sampling_n_null_is_a_config_error():

@@ -299,14 +299,6 @@ def place(items: list[tuple[str, dict[str, float]]], nodes: list[Node]) -> dict[
     return where
 
 
-def totals(nodes: list[Node]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for n in nodes:
-        for k, v in n.free.items():
-            out[k] = out.get(k, 0) + v
-    return out
-
-
 def vm_job() -> JobConfig:
     """The run docs/clusters.md and cluster.yaml's header submit to the VM cluster."""
     header = next(line for line in (INFRA / "ray" / "cluster.yaml").read_text().splitlines() if "--set" in line)
@@ -319,7 +311,7 @@ def test_the_jobs_plan_fits_the_node_shapes(target):
         job, nodes = entrypoint_job(nightly_module().render(rayjob(), "s3://b/p/*.parquet", "s3://b/o")["spec"]["entrypoint"]), rayjob_nodes(rayjob())
     else:
         job, nodes = vm_job(), vm_nodes(vm_cluster())
-    check_fits(job, totals(nodes), use_gpu=True)  # what the driver checks before it starts anything
+    check_fits(job, [dict(n.free) for n in nodes], use_gpu=True)  # what the driver checks, per node, before it starts anything
     where = place(plan(job), nodes)
     assert all("check" not in on or node.startswith("sandbox") for node, on in where.items())
     assert all(on == [] for node, on in where.items() if node.startswith("head"))

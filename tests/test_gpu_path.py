@@ -1,0 +1,167 @@
+"""What a first GPU run depends on, shown on CPU with the real engine and real processes: a clean
+console, results that stream out of the engine, a clear error for actors that cannot be placed, and
+an engine whose death restarts its actor instead of failing the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import write_shard
+from pipeline.config import REPO_ROOT, ConfigError, load_job
+
+pytestmark = pytest.mark.slow
+NOISE = re.compile(r"Traceback|(^|\s)ERROR\s")
+
+
+def wait_for(reached: Callable[[], bool], what: str, proc: subprocess.Popen | None = None, log: Path | None = None,
+             timeout_s: float = 600) -> None:
+    deadline = time.time() + timeout_s
+    while not reached():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the run ended before {what}:\n{log.read_text()[-3000:] if log else ''}")
+        assert time.time() < deadline, f"never reached {what}"
+        time.sleep(0.2)
+
+
+def test_the_demo_prints_no_traceback_and_no_error_when_it_succeeds(tmp_path):
+    out = tmp_path / "demo"
+    run = subprocess.run([sys.executable, "-m", "pipeline", "generate", "--job", "jobs/demo.yaml", "--output", str(out)],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-3000:]
+    noise = [line for line in output.splitlines() if NOISE.search(line)]
+    assert not noise, "\n".join(noise[:40])
+    (engine,) = json.loads((out / "_manifest.json").read_text())["engines"]
+    # vllm.LLM's scheduler defaults on CPU (256 sequences), not AsyncLLM's engine-context 128
+    assert engine["role"] == "generator" and engine["max_num_seqs"] == 256 and engine["max_num_batched_tokens"] == 8192
+
+
+def test_the_first_samples_leave_the_engine_long_before_the_slowest_sequence_ends(ray_local, model_dir):
+    """Four prompts whose engine runs to max_model_len: short prompts get ~500 new tokens, long ones ~110
+    (ignore_eos, no max_tokens), all running at once; each prompt's samples must leave as it ends."""
+    import functools
+
+    import ray
+    from transformers import AutoTokenizer
+
+    from pipeline.run import EngineReports, _report, add_engines
+
+    job = load_job(REPO_ROOT / "jobs" / "demo.yaml", sets={"engine.max_model_len": 512, "resources.batch_size": 1},
+                   sampling={"n": 1, "temperature": 0.0, "ignore_eos": True, "max_tokens": None})
+    words = AutoTokenizer.from_pretrained(model_dir)("many words " * 400, add_special_tokens=False)["input_ids"]
+    rows = [{"id": f"{kind}{i}", "prompt": kind, "domain": "math", "reject_reason": None,
+             "prompt_token_ids": words[:400] if kind == "long" else words[:8]} for i in range(2) for kind in ("short", "long")]
+    reports = ray.remote(num_cpus=0)(EngineReports).remote()
+    ds = add_engines(ray.data.from_items(rows), job, False, functools.partial(_report, reports))
+    arrivals = [(time.monotonic(), b.to_pylist()) for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
+    samples = [s for _, batch in arrivals for s in batch]
+    assert sorted(s["id"] for s in samples) == sorted(r["id"] for r in rows)
+    slowest = max(s["completion_tokens"] for s in samples)
+    assert slowest > 480 and all(s["completion_tokens"] < 120 for s in samples if s["id"].startswith("long"))
+    first_t, first = arrivals[0]
+    last_t, last = arrivals[-1]
+    assert all(s["completion_tokens"] < slowest / 4 for s in first), "the first results waited for the slowest"
+    assert max(s["completion_tokens"] for s in last) == slowest
+    assert last_t - first_t > 1.0  # ~380 more decode steps of the long generations after the first came out
+
+
+@pytest.mark.timeout(600)
+def test_actors_that_cannot_start_fail_the_run_with_the_reason_instead_of_waiting(tiny_job, ray_local):
+    import ray
+
+    from pipeline.run import generate
+
+    class Hog:  # another job, holding the cluster's free CPUs
+        def ready(self) -> bool:
+            return True
+
+    free = ray.available_resources().get("CPU", 0)
+    hog = ray.remote(num_cpus=free)(Hog).remote()
+    try:
+        ray.get(hog.ready.remote())
+        tiny_job.resources.start_timeout_s = 5
+        with pytest.raises(ConfigError, match=r"did not all start within resources.start_timeout_s=5s"):
+            generate(tiny_job)
+    finally:
+        ray.kill(hog)
+
+
+def test_vllm_ray_workers_get_a_placement_group_of_the_engines_gpus_on_one_node(ray_local):
+    from ray.util.placement_group import remove_placement_group
+
+    from pipeline.run import _placement
+
+    strategy = _placement(4, 2.0)["scheduling_strategy"]
+    try:
+        assert strategy.placement_group.bundle_specs == [{"GPU": 1, "CPU": 2.0}, {"GPU": 1}, {"GPU": 1}, {"GPU": 1}]
+        assert strategy.placement_group_capture_child_tasks
+    finally:
+        remove_placement_group(strategy.placement_group)
+
+
+PROMPTS = ["What is 1 + 1?", "What is 2 + 3?", "What is 5 - 2?", "What is 2 times 3?", "What is 10 + 10?",
+           "What is 8 divided by 2?", "What is 7 + 6?", "What is 9 - 4?", "What is 3 times 3?", "What is 12 + 1?"]
+
+
+def engine_actor(session: int) -> int | None:
+    """The pid of the run's engine actor (the run's own session: no other run's)."""
+    found = subprocess.run(["pgrep", "-s", str(session), "-f", r"MapBatches\(EngineStage\)"], capture_output=True, text=True)
+    pids = [int(p) for p in found.stdout.split()]
+    return pids[0] if len(pids) == 1 else None
+
+
+def engine_core(actor: int) -> psutil.Process | None:
+    try:
+        return next((c for c in psutil.Process(actor).children() if c.name().startswith("VLLM::EngineCore")), None)
+    except psutil.NoSuchProcess:
+        return None
+
+
+@pytest.mark.parametrize("restarts", [3, 0])
+def test_killing_the_engine_core_mid_run_restarts_its_actor_and_every_sample_is_published_once(tmp_path, restarts):
+    for i in range(5):
+        write_shard(tmp_path / "in" / f"p-{i}.parquet",
+                    [{"id": f"q{i}-{j}", "prompt": PROMPTS[2 * i + j], "answer": "0"} for j in range(2)])
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    # One prompt (2 sequences) runs at a time, each for 96 tokens: the engine is busy until the end.
+    cmd = [sys.executable, "-m", "pipeline", "generate", "--job", "jobs/demo.yaml", "--shards", str(tmp_path / "in" / "*.parquet"),
+           "--output", str(out), "--set", "sampling.n=2", "--set", "sampling.max_tokens=96", "--set", "sampling.ignore_eos=true",
+           "--set", "resources.batch_size=1", "--set", "engine.kwargs.max_num_seqs=2",
+           "--set", f"resources.engine_restarts={restarts}"]
+    run = subprocess.Popen(cmd, cwd=REPO_ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=open(log, "wb"))
+    try:
+        commits = out / "_pipeline" / "commits"
+        wait_for(lambda: commits.exists() and any(commits.iterdir()), "a first commit", run, log)
+        actor = engine_actor(run.pid)
+        core = engine_core(actor) if actor else None
+        assert core is not None and len(list(commits.iterdir())) < 5, "nothing left in flight to kill"
+        core.send_signal(signal.SIGKILL)
+        if restarts:
+            wait_for(lambda: engine_actor(run.pid) not in (None, actor), "a restarted engine actor", run, log)
+        stdout, _ = run.communicate(timeout=1200)
+    finally:
+        try:
+            os.killpg(run.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    text = log.read_text()
+    assert f"generator engine (pid {actor}) died" in text and "killed by SIGKILL" in text
+    if not restarts:
+        assert run.returncode != 0
+        assert "the run failed after 1 engine death(s) (resources.engine_restarts=0" in text
+        return
+    assert run.returncode == 0, text[-3000:]
+    published = [(s["id"], s["sample_index"]) for s in pq.read_table(stdout.decode().split()[-1] + "/samples").to_pylist()]
+    assert sorted(published) == sorted((f"q{i}-{j}", k) for i in range(5) for j in range(2) for k in range(2))

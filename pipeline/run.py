@@ -15,6 +15,7 @@ import platform
 import threading
 import time
 import uuid
+from collections import Counter
 from importlib import metadata
 from typing import Any, Iterator
 

@@ -284,8 +284,8 @@ class Storage:
         with self.fs.open(self.path(rel), "rb") as f:
             return pq.ParquetFile(f).schema_arrow.metadata or {}
 
-    def list(self, rel: str) -> list[str]:
-        """Relative paths of the files directly under a folder (empty if absent)."""
+    def _entries(self, rel: str) -> list[tuple[str, bool]]:
+        """(relative path, is a folder) of what lies directly under a folder (empty if absent)."""
         path = self.path(rel)
         self.fs.invalidate_cache(path)
         try:
@@ -293,22 +293,18 @@ class Storage:
         except FileNotFoundError:
             return []
         prefix = self.root.rstrip("/") + "/"
-        # SeaweedFS lists an emptied folder as an object named with a trailing slash: not a file
-        names = (e["name"] for e in entries if e.get("type") != "directory" and not e["name"].endswith("/"))
-        return sorted(e[len(prefix):] if e.startswith(prefix) else e for e in names
-                      if not posixpath.basename(e).startswith(".tmp-"))
+        # SeaweedFS lists an emptied folder as an object named with a trailing slash: a folder
+        return [(e["name"].rstrip("/").removeprefix(prefix), e.get("type") == "directory" or e["name"].endswith("/"))
+                for e in entries]
+
+    def list(self, rel: str) -> list[str]:
+        """Relative paths of the files directly under a folder (empty if absent)."""
+        return sorted(name for name, folder in self._entries(rel)
+                      if not folder and not posixpath.basename(name).startswith(".tmp-"))
 
     def folders(self, rel: str) -> list[str]:
         """Relative paths of the folders directly under a folder (empty if absent)."""
-        path = self.path(rel)
-        self.fs.invalidate_cache(path)
-        try:
-            entries = self.fs.ls(path, detail=True)
-        except FileNotFoundError:
-            return []
-        prefix = self.root.rstrip("/") + "/"
-        return sorted(e["name"].rstrip("/")[len(prefix):] for e in entries
-                      if e.get("type") == "directory" or e["name"].endswith("/"))
+        return sorted(name for name, folder in self._entries(rel) if folder)
 
     def remove(self, rel: str) -> None:
         """Delete one file (never a folder: a run deletes only files its records name)."""

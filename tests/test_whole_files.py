@@ -164,7 +164,7 @@ def test_prepare_to_s3_exits_promptly_after_a_row_error_past_the_first_batch(s3,
     proc = subprocess.run([sys.executable, "-m", "pipeline", "prepare", str(src), storage.url(), "--format", "code-stdio"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "read 9000, written 8999" in proc.stderr and f"{src}:8501: time_limit_s 'abc' is not a number" in proc.stderr
+    assert "read 9,000, written 8,999" in proc.stderr and f"{src}:8501: time_limit_s 'abc' is not a number" in proc.stderr
 
 
 def curated_rows():

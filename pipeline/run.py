@@ -281,7 +281,11 @@ def read_shards(fs: Any, shards: list[Shard], rows: int, num_cpus: float, plan: 
 # unregister shared memory and semaphores (resource_tracker tracebacks: KeyError '/psm_...',
 # '/mp-...'). A crashed actor is still cleaned up: Raylet kills each worker's process group when
 # the worker exits.
-ACTOR_ENV = {"RAY_kill_child_processes_on_worker_exit": "0"}
+# Not set: RAY_kill_child_processes_on_worker_exit=0 avoided the shutdown tracebacks above, but a
+# driver killed with -9 then left each engine's EngineCore (7 GB on the CPU demo) orphaned, and
+# the next runs on the node ran out of memory. Ray's default stays until vLLM's engine core dies
+# with its parent by itself.
+ACTOR_ENV: dict[str, str] = {}
 
 
 class EngineReports:

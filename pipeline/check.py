@@ -11,7 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline import priority
+from pipeline import priority, reaper
 from pipeline.config import JobConfig
 from pipeline.filter import FILTERS
 from pipeline.filter.readability import Format
@@ -113,6 +113,7 @@ class CheckStage:
     def __init__(self, job: JobConfig, prefilled: bool | None = None) -> None:
         priority.lower(job.resources.background_nice)  # verifier workers and sandboxes inherit it
         self.checker = Checker(job, prefilled)
+        reaper.watch_children()  # verifier pools and sandboxes must not outlive this actor
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         samples = [self.checker.parse(s) for s in batch.to_pylist()]

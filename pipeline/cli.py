@@ -50,12 +50,14 @@ def _errors(uris: list[str]) -> Iterator[None]:
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     verbose: bool = typer.Option(False, "--verbose", "-v",
                                  help="Also show engine, Ray and library logs (always in the run's log file)."),
     progress_every: float = typer.Option(console.PROGRESS_EVERY_S, "--progress-every", metavar="SECONDS", min=1,
                                          help="Without a terminal: a progress line this often."),
 ) -> None:
     console.setup(verbose, progress_every)
+    ctx.call_on_close(console.teardown)  # the console's stream is this command's (a test runner's is closed after it)
 
 
 @app.command()

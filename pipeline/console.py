@@ -281,16 +281,25 @@ class WorkerLines:
 
 
 def route_worker_output() -> None:
-    """Ray prints the stdout/stderr its workers stream to the driver (`log_to_driver`) with
-    coloured prefixes; send those lines to the `workers` logger instead (the run's log file).
+    """Ray prints what its workers stream to the driver (`log_to_driver`), and the errors the
+    cluster reports to the job (a task retried, an actor restarted: "(raylet) ..."), with coloured
+    prefixes on stdout and stderr; send all of it to the `workers` logger instead (the run's log
+    file). Called before `ray.init`: stdout carries the dataset's URI alone.
 
-    Ray 2.60 has no public hook for this: its driver hands each batch to the handlers of
-    `global_worker_stdstream_dispatcher`, and "ray_print_logs" is the one that prints."""
-    from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+    Ray 2.60 has no public hook for this. Both paths call `ray._private.worker.print_to_stdstream`
+    by name (the log thread through the dispatcher handler `ray.init` registers with it, the error
+    listener directly), so replacing that function routes both, and nothing reaches Ray's log
+    deduplicator, whose leftovers `ray.shutdown` would print."""
+    from ray._private import worker
 
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.remove_handler(WORKERS)
-    dispatcher.add_handler(WORKERS, WorkerLines())
+    lines = WorkerLines()
+
+    def to_log(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        if data.get("pid") == "raylet":  # errors the cluster reports to the job: warnings at least
+            data = {**data, "is_err": True}
+        lines(data)
+
+    worker.print_to_stdstream = to_log
 
 
 # -- rendering ------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from pipeline import priority
+from pipeline import priority, reaper
 from pipeline.config import EngineSpec, JobConfig
 from pipeline.parse import split_reasoning
 from pipeline.render import THINK_PREFILL, chat_text
@@ -170,7 +170,10 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(**spec.llm_kwargs(model))
-        return cls(AsyncLLM.from_engine_args(args, usage_context=UsageContext.LLM_CLASS), role, n, report)
+        reaper.watch_children()  # vLLM's engine processes must not outlive this process, however it ends
+        llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
+        reaper.watch_children()  # they exist now
+        return cls(llm, role, n, report)
 
     async def complete(self, token_ids: list[int], params: Any, request_id: str) -> list[Completion]:
         """The request's completions in sample order. A request the engine refuses raises; a dead

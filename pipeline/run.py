@@ -66,9 +66,9 @@ def init_ray(background_nice: int = 0) -> None:
     if address == "local":
         priority.lower(background_nice)
     console.adopt_library_logs()  # Ray's loggers and its workers' output go to the run's log file
+    console.route_worker_output()
     ray.init(address=address, log_to_driver=True, logging_level="INFO", include_dashboard=False
              if address == "local" else None)
-    console.route_worker_output()
 
 
 class Metrics:
@@ -279,13 +279,8 @@ def read_shards(fs: Any, shards: list[Shard], rows: int, num_cpus: float, plan: 
 # KillChildProcessesImmediately): vLLM's engine core died under its client (EngineDeadError logged
 # at every successful run), and multiprocessing's resource tracker died before the finalizers that
 # unregister shared memory and semaphores (resource_tracker tracebacks: KeyError '/psm_...',
-# '/mp-...'). A crashed actor is still cleaned up: Raylet kills each worker's process group when
-# the worker exits.
-# Not set: RAY_kill_child_processes_on_worker_exit=0 avoided the shutdown tracebacks above, but a
-# driver killed with -9 then left each engine's EngineCore (7 GB on the CPU demo) orphaned, and
-# the next runs on the node ran out of memory. Ray's default stays until vLLM's engine core dies
-# with its parent by itself.
-ACTOR_ENV: dict[str, str] = {}
+# '/mp-...'). An actor that dies abruptly cannot stop them: its watcher does (pipeline.reaper).
+ACTOR_ENV: dict[str, str] = {"RAY_kill_child_processes_on_worker_exit": "0"}
 
 
 class EngineReports:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import psutil
 import pyarrow.parquet as pq
 import pytest
 
@@ -41,6 +42,18 @@ def kill_session(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def engine_cores(session: int) -> list[psutil.Process]:
+    """vLLM's engine core processes of the run whose session is `session`."""
+    cores = []
+    for proc in psutil.process_iter(["name"]):
+        try:
+            if proc.info["name"].startswith("VLLM::EngineCor") and os.getsid(proc.pid) == session:
+                cores.append(proc)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+    return cores
 
 
 def inputs(tmp_path: Path, shards: int = SHARDS, per_shard: int = 2) -> tuple[str, Path]:
@@ -98,8 +111,13 @@ def test_kill_9_of_the_driver_then_rerun_publishes_every_sample_exactly_once(tmp
             wait_for(lambda: "first samples after" in log.read_text(), first, log, "samples at the driver")
         else:
             wait_for(lambda: bool(committed_prompts(out)), first, log, "a commit")
+        cores = engine_cores(first.pid)
+        assert cores, "no engine core in the run's session"
         os.kill(first.pid, signal.SIGKILL)  # the driver dies; its Ray workers are orphaned, not killed
         first.wait()
+        # ...and so are their engine cores, which their watchers end (pipeline.reaper)
+        _, alive = psutil.wait_procs(cores, timeout=300)
+        assert not alive, f"engine cores outlived their killed run: {alive}"
         before = {rel: Storage(str(out)).read_bytes(rel) for rel in committed_prompts(out)}
         assert not (out / "_manifest.json").exists()
         if moment == "samples_in_flight":
@@ -130,7 +148,9 @@ def test_a_run_killed_at_80_percent_resumes_with_at_most_30_percent_of_the_work(
     first = subprocess.Popen(command(shards, out, "commit.max_prompts=1", "resources.engine_batches_in_flight=1"),
                              cwd=REPO_ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
     try:
-        wait_for(lambda: sum(committed_prompts(out).values()) >= 21, first, log, "70% of the prompts committed")
+        # one prompt per commit: counting the files (not reading them) lets the kill follow at once
+        wait_for(lambda: len(list((out / "_pipeline" / "commits").glob("*/*.parquet"))) >= 21, first, log,
+                 "70% of the prompts committed")
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
     finally:

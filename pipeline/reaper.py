@@ -1,0 +1,130 @@
+"""The processes a stage actor starts (vLLM's engine core, verifier pools) end when the actor ends,
+however it ends.
+
+An actor that exits in order stops its subprocesses itself (generate.Engine.close at exit), which
+needs Ray not to SIGKILL them first (run.ACTOR_ENV). An actor that dies abruptly (its driver killed
+with -9, the OOM killer, a lost raylet) cannot: its children are orphaned, and an orphaned engine
+core keeps its GPU memory (7 GB of RAM on the CPU demo) until the node is recycled. Ray's own
+remedies do not cover this: `RAY_process_group_cleanup_enabled` relies on the raylet, which a
+killed local driver takes down with it, and the raylet subreaper is deprecated.
+
+So each such actor has a watcher: a small process in a session of its own (outside the actor's
+process group, which Ray may kill) that keeps a list of the actor's descendants and, once the actor
+is gone, sends SIGTERM to those still running (vLLM's engine core shuts down on it), then SIGKILL
+after a grace period. It needs no Ray and no cooperation from the dying actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from typing import IO
+
+import psutil
+
+log = logging.getLogger(__name__)
+REFRESH_S = 2.0
+"""How often the watcher re-reads the actor's descendants (new engine processes appear at start-up)."""
+GRACE_S = 30.0
+"""How long orphans get to exit after SIGTERM before SIGKILL."""
+
+_watcher: subprocess.Popen | None = None
+
+
+def watch_children(grace_s: float = GRACE_S) -> None:
+    """Have this process's watcher (started on the first call) note the descendants this process
+    has now; returns once it has. Call it again after starting subprocesses: later ones are also
+    seen by its periodic look, but an actor can die before that."""
+    global _watcher
+    # run as a file in isolated mode: it needs only psutil, and this folder's select.py is not the stdlib's
+    if _watcher is None or _watcher.poll() is not None:
+        me = psutil.Process()
+        _watcher = subprocess.Popen(
+            [sys.executable, "-I", os.path.abspath(__file__), str(me.pid), repr(me.create_time()), str(grace_s)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            start_new_session=True,
+        )
+    assert _watcher.stdin is not None and _watcher.stdout is not None
+    _watcher.stdin.write("look\n")
+    _watcher.stdin.flush()
+    if not _watcher.stdout.readline():
+        log.warning("the watcher of process %d exited (code %s): its subprocesses may outlive it if it is killed",
+                    os.getpid(), _watcher.wait())
+
+
+def _descendants(parent: psutil.Process) -> dict[tuple[int, float], psutil.Process]:
+    found = {}
+    try:
+        for child in parent.children(recursive=True):
+            if child.pid == os.getpid():  # the watcher itself is one of them
+                continue
+            try:
+                found[(child.pid, child.create_time())] = child
+            except psutil.NoSuchProcess:
+                pass
+    except psutil.NoSuchProcess:
+        pass
+    return found
+
+
+def _alive(proc: psutil.Process) -> bool:
+    """Running and not a zombie (an actor whose raylet has not collected it yet has ended)."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def reap(pid: int, created: float, requests: IO[str] | None = None, acks: IO[str] | None = None,
+         refresh_s: float = REFRESH_S, grace_s: float = GRACE_S) -> list[int]:
+    """Watch process `pid` (started at `created`, so that a reused pid is not mistaken for it) until
+    it ends, then end the descendants it had; returns the pids that were still running then.
+    It looks at them every `refresh_s`, and at once for each line on `requests` (answered on `acks`)."""
+    try:
+        actor = psutil.Process(pid)
+        if actor.create_time() != created:
+            return []
+    except psutil.NoSuchProcess:
+        return []
+    known: dict[tuple[int, float], psutil.Process] = {}
+    while True:
+        known = {key: proc for key, proc in known.items() if proc.is_running()}  # is_running checks the start time
+        known.update(_descendants(actor))
+        if not _alive(actor):
+            break
+        if requests is None:
+            time.sleep(refresh_s)
+            continue
+        readable, _, _ = select.select([requests], [], [], refresh_s)
+        if readable:
+            if requests.readline():
+                known.update(_descendants(actor))
+                if acks is not None:
+                    acks.write("seen\n")
+                    acks.flush()
+            else:  # the actor closed its end: it is ending, or gone
+                requests = None
+    orphans = [proc for proc in known.values() if proc.is_running()]
+    for proc in orphans:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(orphans, timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return [proc.pid for proc in orphans]
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the run, not its watcher
+    reap(int(sys.argv[1]), float(sys.argv[2]), sys.stdin, sys.stdout, grace_s=float(sys.argv[3]))
+    os._exit(0)

@@ -1,0 +1,62 @@
+"""A stage actor's subprocesses end with it, even when it is killed with -9 (pipeline.reaper)."""
+
+import signal
+import subprocess
+import sys
+import textwrap
+
+import psutil
+
+from pipeline.config import REPO_ROOT
+from pipeline.reaper import reap
+
+# A stand-in for an engine actor: starts its watcher, then a child that ignores SIGTERM (SIGKILL
+# is needed) with a grandchild of its own, reports their pids and waits to be killed.
+ACTOR = textwrap.dedent("""
+    import subprocess, sys, time
+    from pipeline import reaper
+    child = subprocess.Popen([sys.executable, "-c",
+        "import signal, subprocess, sys; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+        "g = subprocess.Popen(['sleep', '1000']); print(g.pid, flush=True); signal.pause()"],
+        stdout=subprocess.PIPE, text=True)
+    grandchild = int(child.stdout.readline())
+    reaper.watch_children(grace_s=1.0)
+    print(child.pid, grandchild, reaper._watcher.pid, flush=True)
+    signal_pause = __import__("signal").pause()
+""")
+
+
+def test_the_children_of_an_actor_killed_with_9_are_ended_by_its_watcher():
+    actor = subprocess.Popen([sys.executable, "-c", ACTOR], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
+                             env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
+    try:
+        child, grandchild, watcher = (psutil.Process(int(p)) for p in actor.stdout.readline().split())
+        assert child.is_running() and grandchild.is_running()
+        actor.send_signal(signal.SIGKILL)
+        actor.wait()
+        gone, alive = psutil.wait_procs([child, grandchild, watcher], timeout=120)
+        assert not alive, f"still running after the actor's death: {alive}"
+    finally:
+        for pid in psutil.pids():
+            try:
+                proc = psutil.Process(pid)
+                if proc.cmdline()[-1:] == ["1000"] and proc.ppid() == 1:
+                    proc.kill()
+            except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
+                pass
+
+
+def test_a_reused_pid_is_not_taken_for_the_actor():
+    me = psutil.Process()
+    assert reap(me.pid, me.create_time() - 1.0) == []
+
+
+def test_an_actor_that_stopped_its_children_itself_leaves_nothing_to_end():
+    parent = subprocess.Popen([sys.executable, "-c",
+                               "import subprocess, sys; subprocess.run(['true']); sys.stdin.read()"],
+                              stdin=subprocess.PIPE)
+    proc = psutil.Process(parent.pid)
+    created = proc.create_time()
+    parent.stdin.close()
+    assert reap(parent.pid, created, refresh_s=0.1) == []
+    parent.wait()

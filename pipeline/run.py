@@ -6,13 +6,11 @@ sizes). Stages are plain callables; storage and publishing know nothing of Ray.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
 import os
 import platform
-import threading
 import time
 import uuid
 from collections import Counter

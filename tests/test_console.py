@@ -1,6 +1,7 @@
 """The console: the pipeline's own lines on stderr, the URI alone on stdout, everything else in the run's log."""
 
 import io
+import json
 import logging
 import re
 import subprocess
@@ -164,7 +165,7 @@ def test_summaries_name_accepted_by_domain_top_reasons_and_where_things_are(term
 RAY_CORE_NOTICE = re.compile(r"^\[[\d\- :,]+ E \d+ \d+\] core_worker\.cc:\d+: Actor with class name: .* has constructor "
                              r"arguments in the object store and max_restarts > 0")
 NOISE = re.compile(r"\((EngineStage|MapWorker|EngineCore|CheckStage|RenderStage|Worker)|vllm|vLLM|Triton|INFO|WARNING|"
-                   r"streaming_executor|Started a local Ray|Traceback|\x1b\[")
+                   r"streaming_executor|Started a local Ray|Traceback|(^|\s)ERROR\s|\x1b\[")
 
 
 @pytest.mark.slow
@@ -191,6 +192,12 @@ def test_generate_on_the_demo_shows_a_header_progress_and_summary_and_logs_the_e
     noise = [line for line in err if NOISE.search(line) and not RAY_CORE_NOTICE.match(line)]
     assert not noise, noise
     text = open(log_file).read()
+    # no traceback or error on success, fixed at the cause: not on the console, nor in the log of engines and Ray
+    errors = [line for line in text.splitlines() if re.search(r"Traceback|(^|\s)ERROR\s", line)]
+    assert not errors, "\n".join(errors[:40])
+    (engine,) = json.loads((out / "_manifest.json").read_text())["engines"]
+    # vllm.LLM's scheduler defaults on CPU (256 sequences), not AsyncLLM's engine-context 128
+    assert engine["role"] == "generator" and engine["max_num_seqs"] == 256 and engine["max_num_batched_tokens"] == 8192
     assert re.search(r"workers: \(EngineStage pid=\d+\) .*INFO .*\[\w+\.py:\d+\]", text), "no engine start-up line in the log"
     assert "Started a local Ray instance" in text and "first samples after" in text
     assert "Autoscaler status" not in text  # its periodic dumps are filtered to events, as Ray's own printing does

@@ -4,9 +4,7 @@ an engine whose death restarts its actor instead of failing the run."""
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -22,7 +20,6 @@ from conftest import write_shard
 from pipeline.config import REPO_ROOT, ConfigError, load_job
 
 pytestmark = pytest.mark.slow
-NOISE = re.compile(r"Traceback|(^|\s)ERROR\s")
 
 
 def wait_for(reached: Callable[[], bool], what: str, proc: subprocess.Popen | None = None, log: Path | None = None,
@@ -33,23 +30,6 @@ def wait_for(reached: Callable[[], bool], what: str, proc: subprocess.Popen | No
             pytest.fail(f"the run ended before {what}:\n{log.read_text()[-3000:] if log else ''}")
         assert time.time() < deadline, f"never reached {what}"
         time.sleep(0.2)
-
-
-def test_the_demo_prints_no_traceback_and_no_error_when_it_succeeds(tmp_path):
-    out = tmp_path / "demo"
-    run = subprocess.run([sys.executable, "-m", "pipeline", "generate", "--job", "jobs/demo.yaml", "--output", str(out)],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200)
-    output = run.stdout + run.stderr
-    assert run.returncode == 0, output[-3000:]
-    noise = [line for line in output.splitlines() if NOISE.search(line)]
-    assert not noise, "\n".join(noise[:40])
-    # fixed at the cause, not kept off the console: the run's log of engine and Ray output is clean too
-    (run_log,) = (out / "_pipeline" / "logs").glob("*.log")
-    noise = [line for line in run_log.read_text().splitlines() if NOISE.search(line)]
-    assert not noise, "\n".join(noise[:40])
-    (engine,) = json.loads((out / "_manifest.json").read_text())["engines"]
-    # vllm.LLM's scheduler defaults on CPU (256 sequences), not AsyncLLM's engine-context 128
-    assert engine["role"] == "generator" and engine["max_num_seqs"] == 256 and engine["max_num_batched_tokens"] == 8192
 
 
 def test_the_first_samples_leave_the_engine_long_before_the_slowest_sequence_ends(ray_local, model_dir):
@@ -134,7 +114,7 @@ def engine_core(actor: int) -> psutil.Process | None:
 
 
 @pytest.mark.parametrize("restarts", [3, 0])
-def test_killing_the_engine_core_mid_run_restarts_its_actor_and_every_sample_is_published_once(tmp_path, restarts):
+def test_killing_the_engine_core_then_its_actor_mid_run_restarts_it_and_every_sample_is_published_once(tmp_path, restarts):
     for i in range(5):
         write_shard(tmp_path / "in" / f"p-{i}.parquet",
                     [{"id": f"q{i}-{j}", "prompt": PROMPTS[2 * i + j], "answer": "0"} for j in range(2)])
@@ -154,7 +134,18 @@ def test_killing_the_engine_core_mid_run_restarts_its_actor_and_every_sample_is_
         assert core is not None and len(commits()) < 8, f"nothing left in flight to kill: {actor}, {core}, {commits()}"
         core.send_signal(signal.SIGKILL)
         if restarts:
+            # then the actor itself, killed as the OOM killer would, once its replacement has committed:
+            # Ray restarts it, and its watcher ends the engine core it leaves behind
+            at_kill = len(commits())
             wait_for(lambda: engine_actor(run.pid) not in (None, actor), "a restarted engine actor", run, log)
+            second = engine_actor(run.pid)
+            wait_for(lambda: len(commits()) > at_kill and engine_core(second) is not None, "a commit after the restart",
+                     run, log)
+            orphan = engine_core(second)
+            assert len(commits()) < 10, "nothing left in flight for the second kill"
+            os.kill(second, signal.SIGKILL)
+            _, alive = psutil.wait_procs([orphan], timeout=300)
+            assert not alive, "the killed actor's engine core outlived it"
         stdout, _ = run.communicate(timeout=1200)
     finally:
         try:
@@ -168,5 +159,6 @@ def test_killing_the_engine_core_mid_run_restarts_its_actor_and_every_sample_is_
         assert "the run failed after 1 engine death(s) (resources.engine_restarts=0" in text
         return
     assert run.returncode == 0, text[-3000:]
-    published = [(s["id"], s["sample_index"]) for s in pq.read_table(stdout.decode().split()[-1] + "/samples").to_pylist()]
+    assert stdout.decode().splitlines() == [str(out)]  # Ray's notices of the restarts went to the log, not stdout
+    published = [(s["id"], s["sample_index"]) for s in pq.read_table(f"{out}/samples").to_pylist()]
     assert sorted(published) == sorted((f"q{i}-{j}", k) for i in range(5) for j in range(2) for k in range(2))

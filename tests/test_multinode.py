@@ -40,8 +40,10 @@ RAY = str(Path(sys.executable).with_name("ray"))
 PROMPTS = ["What is 1 + 1?", "What is 2 + 3?", "What is 5 - 2?", "What is 2 times 3?", "What is 10 + 10?",
            "What is 8 divided by 2?", "What is 7 + 6?", "What is 9 - 4?"]
 SHARDS, PER_SHARD, N = 4, 2, 2
-# The engine may only run where `gpu_node` is advertised: the "GPU node" has exactly the engine's one CPU,
-# so the CPU stages (read task, render and check actors) run on the CPU node.
+# The engine may only run where `gpu_node` is advertised: the "GPU node" has exactly the engine's one CPU
+# and advertises a GPU (which vLLM's CPU build ignores), so Ray keeps the CPU stages (read tasks, render
+# and check actors) off it as it does on a real cluster (RAY_scheduler_avoid_gpu_nodes): with only a
+# custom resource, a render actor could take a quarter of its CPU and leave the engine unplaceable.
 # One prompt at a time through the engine, every sample 48 tokens: the run lasts long enough after its first
 # samples are written for the kill to land mid-run.
 JOB_SETS = ["sampling.n=2", "sampling.max_tokens=48", "sampling.min_tokens=48", "resources.batch_size=1",
@@ -126,7 +128,7 @@ class LocalCluster:
         self.nodes: list[Node] = []
 
     def start_head(self) -> None:
-        self._start("head", ["--head", f"--port={self.gcs_port}", "--num-cpus=0", "--include-dashboard=true",
+        self._start("head", ["--head", f"--port={self.gcs_port}", "--num-cpus=0", "--num-gpus=0", "--include-dashboard=true",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                              f"--ray-client-server-port={free_port()}"], {})
 
@@ -146,7 +148,7 @@ class LocalCluster:
         log = self.root / f"{name}.log"
         proc = subprocess.Popen(
             [RAY, "start", "--block", f"--node-ip-address={NODE_IP}", f"--temp-dir={self.temp_dir}",
-             "--num-gpus=0", "--object-store-memory=100000000", "--disable-usage-stats",
+             "--object-store-memory=100000000", "--disable-usage-stats",
              f"--min-worker-port={base}", f"--max-worker-port={base + 99}", *ports, *args,
              f"--resources={json.dumps({**resources, node_tag(name): 1})}"],
             env=self.env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -156,8 +158,8 @@ class LocalCluster:
                    alive=lambda: node.proc.poll() is None, log=log)
         return node
 
-    def add_node(self, name: str, cpus: int, resources: dict[str, float] | None = None) -> Node:
-        return self._start(name, [f"--address={self.address}", f"--num-cpus={cpus}"], resources or {})
+    def add_node(self, name: str, cpus: int, resources: dict[str, float] | None = None, gpus: int = 0) -> Node:
+        return self._start(name, [f"--address={self.address}", f"--num-cpus={cpus}", f"--num-gpus={gpus}"], resources or {})
 
     def ray_cli(self, *args: str) -> str:
         return subprocess.run([RAY, *args], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -183,7 +185,7 @@ def cluster() -> Iterator[LocalCluster]:
     c = LocalCluster(root)
     try:
         c.start_head()
-        c.add_node("gpu1", cpus=1, resources={"gpu_node": 1})
+        c.add_node("gpu1", cpus=1, resources={"gpu_node": 1}, gpus=1)
         c.add_node("cpu1", cpus=2)
         yield c
     finally:
@@ -248,7 +250,7 @@ def test_generate_through_ray_address_survives_losing_the_engine_node(cluster, t
     try:
         gpu = next(n for n in cluster.nodes if n.name.startswith("gpu") and n.proc.poll() is None)
         done = kill_mid_run(run, log, out, gpu, "EngineStage", holds=(cluster, "gpu_node"))
-        cluster.add_node(f"gpu{len(cluster.nodes)}", cpus=1, resources={"gpu_node": 1})
+        cluster.add_node(f"gpu{len(cluster.nodes)}", cpus=1, resources={"gpu_node": 1}, gpus=1)
         stdout, _ = run.communicate(timeout=DEADLINE_S)
     finally:
         if run.poll() is None:

@@ -185,7 +185,7 @@ def cluster() -> Iterator[LocalCluster]:
     c = LocalCluster(root)
     try:
         c.start_head()
-        c.add_node("gpu1", cpus=1, resources={"gpu_node": 1}, gpus=1)
+        c.add_node("gpu1", cpus=2, resources={"gpu_node": 1}, gpus=1)
         c.add_node("cpu1", cpus=2)
         yield c
     finally:
@@ -250,7 +250,7 @@ def test_generate_through_ray_address_survives_losing_the_engine_node(cluster, t
     try:
         gpu = next(n for n in cluster.nodes if n.name.startswith("gpu") and n.proc.poll() is None)
         done = kill_mid_run(run, log, out, gpu, "EngineStage", holds=(cluster, "gpu_node"))
-        cluster.add_node(f"gpu{len(cluster.nodes)}", cpus=1, resources={"gpu_node": 1}, gpus=1)
+        cluster.add_node(f"gpu{len(cluster.nodes)}", cpus=2, resources={"gpu_node": 1}, gpus=1)
         stdout, _ = run.communicate(timeout=DEADLINE_S)
     finally:
         if run.poll() is None:

@@ -357,7 +357,7 @@ def add_engines(ds: Any, job: JobConfig, use_gpu: bool, report: Any) -> Any:
     return ds.map_batches(EngineStage, **engine_pool(job, "generator", use_gpu, report))
 
 
-def results(ds: Any, job: JobConfig, reports: Any) -> Iterator[pa.Table]:
+def results(ds: Any, job: JobConfig, reports: Any, use_gpu: bool) -> Iterator[pa.Table]:
     """The plan's output batches. What engines report is logged as it comes (their resolved settings
     at start-up, their deaths); actors that cannot start and engines that keep dying end the run with
     the reason, not with Ray's internals."""
@@ -385,7 +385,7 @@ def results(ds: Any, job: JobConfig, reports: Any) -> Iterator[pa.Table]:
                 log_reports()
             yield batch
     except ray.exceptions.GetTimeoutError:
-        needs = "; ".join(f"{role}: {spec.gpus} GPUs and {cpus:g} CPUs on one node per actor"
+        needs = "; ".join(f"{role}: {f'{spec.gpus} GPUs and ' if use_gpu else ''}{cpus:g} CPUs on one node per actor"
                           for role, spec, _, cpus in _engines(job))
         raise ConfigError(
             f"resources: the run's actors did not all start within resources.start_timeout_s="
@@ -440,7 +440,7 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: F
     metrics = Metrics()
     try:
         with console.Progress(len(plan.todo) * job.n) as progress:
-            for batch in results(ds, job, reports):
+            for batch in results(ds, job, reports, use_gpu):
                 if progress.waiting:
                     log.info("first samples after %.0fs", progress.elapsed)
                 commits = len(writer.commits)

@@ -137,6 +137,7 @@ def setup(verbose: bool = False, every_s: float = PROGRESS_EVERY_S, stream: IO[s
     session = Session(verbose=verbose, every_s=every_s, stream=stream or sys.stderr)
     session.handlers = [ConsoleHandler(session.stream, verbose), session.recent, session.pending]
     root = logging.getLogger()
+    root.removeHandler(_AFTER)
     root.setLevel(logging.INFO)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     for handler in session.handlers:
@@ -146,12 +147,18 @@ def setup(verbose: bool = False, every_s: float = PROGRESS_EVERY_S, stream: IO[s
     return session
 
 
+_AFTER = logging.NullHandler()
+"""Where records go once a command's console is gone: Ray's workers still report while the driver
+shuts Ray down, and without a handler Python would print them on stderr (logging.lastResort)."""
+
+
 def teardown() -> None:
-    """Undo `setup` (tests set up several consoles in one process)."""
+    """Undo `setup` (the CLI at the end of each command; tests set up several consoles in one process)."""
     global _session
     if _session is not None:
         for handler in _session.handlers:
             logging.getLogger().removeHandler(handler)
+        logging.getLogger().addHandler(_AFTER)
         _session = None
 
 

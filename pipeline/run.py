@@ -500,8 +500,8 @@ def _curate(job: JobConfig, inputs: list[str], output: str, log_file: str) -> st
         fn_constructor_args=(job, False),
         batch_format="pyarrow",
         batch_size=res.cpu_batch_size,
-        **check_placement({"compute": ray.data.ActorPoolStrategy(size=res.cpu_actors), "num_cpus": res.cpu_stage_cpus},
-                          res.check_resources),
+        **check_placement({"compute": ray.data.ActorPoolStrategy(size=res.cpu_actors), "num_cpus": res.cpu_stage_cpus,
+                           "runtime_env": {"env_vars": ACTOR_ENV}}, res.check_resources),
     )
     batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
     with console.Progress(sum(s.rows for s in shards), unit="rows", tokens=False) as progress:

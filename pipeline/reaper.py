@@ -28,10 +28,14 @@ from typing import IO
 import psutil
 
 log = logging.getLogger(__name__)
-REFRESH_S = 2.0
+REFRESH_S = 0.5
 """How often the watcher re-reads the actor's descendants (new engine processes appear at start-up)."""
 GRACE_S = 30.0
 """How long orphans get to exit after SIGTERM before SIGKILL."""
+SETTLE_S = 1.0
+"""How long the actor's subprocesses get to end by themselves before they are signalled."""
+ANSWER_S = 30.0
+"""How long an actor waits for its watcher to confirm a look (a stopped watcher must not hang it)."""
 
 _watcher: subprocess.Popen | None = None
 
@@ -46,15 +50,19 @@ def watch_children(grace_s: float = GRACE_S) -> None:
         me = psutil.Process()
         _watcher = subprocess.Popen(
             [sys.executable, "-I", os.path.abspath(__file__), str(me.pid), repr(me.create_time()), str(grace_s)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            start_new_session=True,
-        )
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
+        )  # its stderr is this actor's, which Ray streams to the run's log
     assert _watcher.stdin is not None and _watcher.stdout is not None
-    _watcher.stdin.write("look\n")
-    _watcher.stdin.flush()
-    if not _watcher.stdout.readline():
-        log.warning("the watcher of process %d exited (code %s): its subprocesses may outlive it if it is killed",
-                    os.getpid(), _watcher.wait())
+    try:
+        _watcher.stdin.write("look\n")
+        _watcher.stdin.flush()
+        answered, _, _ = select.select([_watcher.stdout], [], [], ANSWER_S)
+        if answered and _watcher.stdout.readline():
+            return
+    except OSError:
+        pass
+    log.warning("the watcher of process %d did not answer (exit code %s): its subprocesses may outlive it if it "
+                "is killed", os.getpid(), _watcher.poll())
 
 
 def _descendants(parent: psutil.Process) -> dict[tuple[int, float], psutil.Process]:
@@ -87,7 +95,7 @@ def reap(pid: int, created: float, requests: IO[str] | None = None, acks: IO[str
     It looks at them every `refresh_s`, and at once for each line on `requests` (answered on `acks`)."""
     try:
         actor = psutil.Process(pid)
-        if actor.create_time() != created:
+        if abs(actor.create_time() - created) > 1.0:  # computed from boot time, which a clock step moves
             return []
     except psutil.NoSuchProcess:
         return []
@@ -102,29 +110,36 @@ def reap(pid: int, created: float, requests: IO[str] | None = None, acks: IO[str
             continue
         readable, _, _ = select.select([requests], [], [], refresh_s)
         if readable:
-            if requests.readline():
+            try:
+                if not requests.readline():  # the actor closed its end: it is ending, or gone
+                    requests = None
+                    continue
                 known.update(_descendants(actor))
                 if acks is not None:
                     acks.write("seen\n")
                     acks.flush()
-            else:  # the actor closed its end: it is ending, or gone
-                requests = None
-    orphans = [proc for proc in known.values() if proc.is_running()]
+            except OSError:  # the actor died between asking and reading the answer: watch on
+                requests = acks = None
+    # a moment for what ends by itself once the actor is gone (multiprocessing's resource tracker)
+    _, orphans = psutil.wait_procs([proc for proc in known.values() if proc.is_running()], timeout=SETTLE_S)
     for proc in orphans:
         try:
             proc.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
+        except psutil.Error:  # gone, or not ours to signal: the others still are
             pass
     _, alive = psutil.wait_procs(orphans, timeout=grace_s)
     for proc in alive:
         try:
             proc.kill()
-        except psutil.NoSuchProcess:
+        except psutil.Error:
             pass
     return [proc.pid for proc in orphans]
 
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the run, not its watcher
-    reap(int(sys.argv[1]), float(sys.argv[2]), sys.stdin, sys.stdout, grace_s=float(sys.argv[3]))
+    ended = reap(int(sys.argv[1]), float(sys.argv[2]), sys.stdin, sys.stdout, grace_s=float(sys.argv[3]))
+    if ended:
+        print(f"watcher of process {sys.argv[1]}: it ended leaving processes {ended} running; sent them SIGTERM "
+              f"(SIGKILL after {sys.argv[3]} s)", file=sys.stderr)
     os._exit(0)

@@ -48,7 +48,7 @@ def test_the_children_of_an_actor_killed_with_9_are_ended_by_its_watcher():
 
 def test_a_reused_pid_is_not_taken_for_the_actor():
     me = psutil.Process()
-    assert reap(me.pid, me.create_time() - 1.0) == []
+    assert reap(me.pid, me.create_time() - 60.0) == []  # started a minute earlier: another process
 
 
 def test_an_actor_that_stopped_its_children_itself_leaves_nothing_to_end():
@@ -60,3 +60,31 @@ def test_an_actor_that_stopped_its_children_itself_leaves_nothing_to_end():
     parent.stdin.close()
     assert reap(parent.pid, created, refresh_s=0.1) == []
     parent.wait()
+
+
+def test_an_actor_dying_between_its_question_and_the_answer_still_has_its_children_ended():
+    """The watcher's answer meets a closed pipe: it must go on watching, not crash and leave orphans."""
+    import os
+
+    actor = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.Popen(['sleep', '1000']); sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+    proc = psutil.Process(actor.pid)
+    requests_r, requests_w = os.pipe()
+    acks_r, acks_w = os.pipe()
+    os.write(requests_w, b"look\n")
+    os.close(acks_r)  # nobody will read the answer
+    child = None
+    while child is None:  # the actor has started its child
+        child = next(iter(proc.children()), None)
+    actor.stdin.close()  # the actor ends
+    acks = os.fdopen(acks_w, "w")
+    with os.fdopen(requests_r) as requests:
+        ended = reap(actor.pid, proc.create_time(), requests, acks, refresh_s=0.1, grace_s=1.0)
+    os.close(requests_w)
+    try:
+        acks.close()  # the unanswered "seen" is still buffered
+    except BrokenPipeError:
+        pass
+    actor.wait()
+    gone, _ = psutil.wait_procs([child], timeout=5)  # ended (a zombie until its new parent collects it)
+    assert ended == [child.pid] and gone

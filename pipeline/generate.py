@@ -159,7 +159,10 @@ class Engine:
         log.info("%s engine on pid %d: %s; offered %d prompts x n=%d at a time", role, os.getpid(), self.settings,
                  self.offered, n)
         if report is not None:
-            report({"event": "started", "role": role, "pid": os.getpid(), **self.settings})
+            try:
+                report({"event": "started", "role": role, "pid": os.getpid(), **self.settings})
+            except Exception as e:  # a report lost must not fail the engine's start (a restart would not retry it)
+                log.warning("could not report the engine's start: %s", e)
         atexit.register(self.close)
 
     @classmethod

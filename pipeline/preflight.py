@@ -151,7 +151,7 @@ def check_engine(where: str, spec: EngineSpec, judge: bool) -> None:
     its value fits the argument's type; a typo names the closest valid key."""
     import inspect
 
-    from pydantic import TypeAdapter
+    from pydantic import TypeAdapter, ValidationError
 
     types = _engine_argument_types()
     if judge:
@@ -173,7 +173,7 @@ def check_engine(where: str, spec: EngineSpec, judge: bool) -> None:
         try:
             adapter.validate_python(value)
         except Exception as e:
-            problem = getattr(e, "errors", lambda: [{"msg": str(e)}])()[0]["msg"]
+            problem = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
             raise ConfigError(f"{key_path}: {value!r} is not valid ({problem})") from None
 
 

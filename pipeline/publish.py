@@ -15,7 +15,7 @@ import posixpath
 import time
 import uuid
 from collections import Counter, defaultdict
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc

@@ -22,7 +22,6 @@ import select
 import signal
 import subprocess
 import sys
-import time
 from typing import IO
 
 import psutil
@@ -105,11 +104,8 @@ def reap(pid: int, created: float, requests: IO[str] | None = None, acks: IO[str
         known.update(_descendants(actor))
         if not _alive(actor):
             break
-        if requests is None:
-            time.sleep(refresh_s)
-            continue
-        readable, _, _ = select.select([requests], [], [], refresh_s)
-        if readable:
+        readable, _, _ = select.select([requests] if requests is not None else [], [], [], refresh_s)
+        if readable and requests is not None:
             try:
                 if not requests.readline():  # the actor closed its end: it is ending, or gone
                     requests = None

@@ -6,11 +6,13 @@ sizes). Stages are plain callables; storage and publishing know nothing of Ray.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
 import os
 import platform
+import threading
 import time
 import uuid
 from collections import Counter
@@ -283,16 +285,78 @@ ACTOR_ENV: dict[str, str] = {"RAY_kill_child_processes_on_worker_exit": "0"}
 
 class EngineReports:
     """A small actor of the run collecting what engine actors report: the settings each engine
-    resolved at start-up (for the manifest) and each engine death with its root cause."""
+    resolved at start-up (for the manifest) and each engine death with its root cause. The driver
+    waits on it (`since`) so that each report reaches the log as it happens."""
 
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
+        self.arrived = asyncio.Condition()
 
-    def add(self, event: dict[str, Any]) -> None:
-        self.events.append(event)
+    async def add(self, event: dict[str, Any]) -> None:
+        async with self.arrived:
+            self.events.append(event)
+            self.arrived.notify_all()
 
-    def all(self) -> list[dict[str, Any]]:
+    async def since(self, seen: int, wait_s: float) -> list[dict[str, Any]]:
+        """The events after the first `seen`, once there are any or after `wait_s`."""
+        async with self.arrived:
+            try:
+                await asyncio.wait_for(self.arrived.wait_for(lambda: len(self.events) > seen), wait_s)
+            except asyncio.TimeoutError:
+                pass
+            return self.events[seen:]
+
+
+class EngineLog:
+    """The driver's side of EngineReports: a thread that logs each report as it arrives (an engine
+    that is up, one that died) while the run's batches are consumed elsewhere."""
+
+    def __init__(self, reports: Any, restarts: int) -> None:
+        self.reports, self.restarts = reports, restarts
+        self.events: list[dict[str, Any]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._follow, name="engine-reports", daemon=True)
+
+    def __enter__(self) -> "EngineLog":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> list[dict[str, Any]]:
+        """Stop following; returns every event, those not yet logged logged."""
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+        try:
+            self._take(0)
+        except Exception as e:  # Ray itself failing: the caller's own error says more
+            log.debug("engine reports unavailable: %s", e)
         return self.events
+
+    def _follow(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self._take(1.0)
+            except Exception as e:  # the run's own failure path reports it; the log must not end the run
+                log.debug("engine reports unavailable: %s", e)
+                self.stop.wait(1.0)
+
+    def _take(self, wait_s: float) -> None:
+        import ray
+
+        for e in ray.get(self.reports.since.remote(len(self.events), wait_s), timeout=30 + wait_s):
+            if e["event"] == "started":
+                log.info("%s engine (pid %d): %s", e["role"], e["pid"],
+                         ", ".join(f"{k}={v}" for k, v in e.items() if k not in ("event", "role", "pid")))
+            elif self.restarts:
+                log.warning("%s engine (pid %d) died: %s; Ray restarts it (up to resources.engine_restarts=%d times "
+                            "per actor) and replays its tasks", e["role"], e["pid"], e["cause"], self.restarts)
+            else:
+                log.warning("%s engine (pid %d) died: %s; resources.engine_restarts=0: its tasks fail", e["role"],
+                            e["pid"], e["cause"])
+            self.events.append(e)
 
 
 def _report(reports: Any, event: dict[str, Any]) -> None:
@@ -363,27 +427,10 @@ def results(ds: Any, job: JobConfig, reports: Any, use_gpu: bool) -> Iterator[pa
     the reason, not with Ray's internals."""
     import ray
 
-    seen = 0
-    last = 0.0
-
-    def log_reports() -> list[dict[str, Any]]:
-        nonlocal seen, last
-        events = ray.get(reports.all.remote())
-        for e in events[seen:]:
-            if e["event"] == "started":
-                log.info("%s engine (pid %d): %s", e["role"], e["pid"],
-                         ", ".join(f"{k}={v}" for k, v in e.items() if k not in ("event", "role", "pid")))
-            else:
-                log.warning("%s engine (pid %d) died: %s; Ray restarts it and replays its tasks", e["role"], e["pid"],
-                            e["cause"])
-        seen, last = len(events), time.monotonic()
-        return events
-
+    engines = EngineLog(reports, job.resources.engine_restarts)
     try:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            if time.monotonic() - last > 10:
-                log_reports()
-            yield batch
+        with engines:
+            yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
     except ray.exceptions.GetTimeoutError:
         needs = "; ".join(f"{role}: {f'{spec.gpus} GPUs and ' if use_gpu else ''}{cpus:g} CPUs on one node per actor"
                           for role, spec, _, cpus in _engines(job))
@@ -392,13 +439,12 @@ def results(ds: Any, job: JobConfig, reports: Any, use_gpu: bool) -> Iterator[pa
             f"{job.resources.start_timeout_s:g}s ({needs}): the cluster's free resources cannot place them (see "
             f"`ray status` for pending demands), or loading the model takes longer (raise start_timeout_s)") from None
     except Exception as e:
-        deaths = [r for r in log_reports() if r["event"] == "died"]
+        deaths = [r for r in engines.close() if r["event"] == "died"]
         if not deaths:
             raise
         raise RunFailed(
             f"the run failed after {len(deaths)} engine death(s) (resources.engine_restarts="
             f"{job.resources.engine_restarts} restarts per actor); last root cause: {deaths[-1]['cause']}") from e
-    log_reports()
 
 
 def _execute(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: Fenced, fp: str,
@@ -406,6 +452,7 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: F
     """Run the plan (one sampling round); returns what it committed and what each engine resolved
     at start-up (scheduler settings, KV cache)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     init_ray(job.resources.background_nice)
     ctx = ray.data.DataContext.get_current()
@@ -420,7 +467,10 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: F
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     use_gpu = any(n.get("GPU", 0) > 0 for n in nodes)
     check_fits(job, nodes, use_gpu)
-    reports = ray.remote(num_cpus=0)(EngineReports).remote()
+    # on the driver's node: an engine node that dies (a preempted spot node) must not take the
+    # run's reports with it, and a driver's node that dies ends the run anyway
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    reports = ray.remote(num_cpus=0, scheduling_strategy=here)(EngineReports).remote()
     report = functools.partial(_report, reports)
     pool = ray.data.ActorPoolStrategy
     cpu_stage = {"batch_format": "pyarrow", "compute": pool(size=res.cpu_actors), "num_cpus": res.cpu_stage_cpus,
@@ -457,7 +507,7 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: F
     if missing:
         raise RunFailed(f"{len(missing)} of {len(plan.todo)} prompts were not completed (e.g. id {missing[0][0]!r}); "
                         "the rest is committed: rerun the same command to finish them")
-    engines = [e for e in ray.get(reports.all.remote()) if e["event"] == "started"]
+    engines = [e for e in ray.get(reports.since.remote(0, 0)) if e["event"] == "started"]
     return {"commits_written": len(writer.commits), "replayed_samples_dropped": writer.duplicates}, engines
 
 

@@ -5,6 +5,7 @@ an engine whose death restarts its actor instead of failing the run."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -99,11 +100,10 @@ PROMPTS = ["What is 1 + 1?", "What is 2 + 3?", "What is 5 - 2?", "What is 2 time
            "What is 8 divided by 2?", "What is 7 + 6?", "What is 9 - 4?", "What is 3 times 3?", "What is 12 + 1?"]
 
 
-def engine_actor(session: int) -> int | None:
-    """The pid of the run's engine actor (the run's own session: no other run's)."""
-    found = subprocess.run(["pgrep", "-s", str(session), "-f", r"MapBatches\(EngineStage\)"], capture_output=True, text=True)
-    pids = [int(p) for p in found.stdout.split()]
-    return pids[0] if len(pids) == 1 else None
+def engines_up(log: Path) -> list[int]:
+    """The pids of the engine actors the run reported up (each logs its settings once its engine is
+    ready), in order: the event these tests act on, whatever the stages after the engine are doing."""
+    return [int(pid) for pid in re.findall(r"generator engine \(pid (\d+)\): max_num_seqs", log.read_text(errors="replace"))]
 
 
 def engine_core(actor: int) -> psutil.Process | None:
@@ -126,23 +126,19 @@ def test_killing_the_engine_core_then_its_actor_mid_run_restarts_it_and_every_sa
            "--set", f"resources.engine_restarts={restarts}", "--set", "commit.max_prompts=1"]
     run = subprocess.Popen(cmd, cwd=REPO_ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=open(log, "wb"))
     try:
-        # each prompt commits as soon as it is done: the first commit leaves nine in the engine
-        commits = lambda: list((out / "_pipeline" / "commits").glob("*/*.parquet"))  # noqa: E731
-        wait_for(lambda: bool(commits()), "a first commit", run, log)
-        actor = engine_actor(run.pid)
-        core = engine_core(actor) if actor else None
-        assert core is not None and len(commits()) < 8, f"nothing left in flight to kill: {actor}, {core}, {commits()}"
+        # the engine is up and its ten prompts are ahead of it: the engine core dies as a CUDA error ends it
+        wait_for(lambda: bool(engines_up(log)), "an engine up", run, log)
+        actor = engines_up(log)[0]
+        core = engine_core(actor)
+        assert core is not None, f"engine actor {actor} has no engine core"
         core.send_signal(signal.SIGKILL)
         if restarts:
-            # then the actor itself, killed as the OOM killer would, once its replacement has committed:
-            # Ray restarts it, and its watcher ends the engine core it leaves behind
-            at_kill = len(commits())
-            wait_for(lambda: engine_actor(run.pid) not in (None, actor), "a restarted engine actor", run, log)
-            second = engine_actor(run.pid)
-            wait_for(lambda: len(commits()) > at_kill and engine_core(second) is not None, "a commit after the restart",
-                     run, log)
+            # then the restarted actor itself, once its engine is up, as the OOM killer would kill it:
+            # Ray restarts it again, and its watcher ends the engine core it leaves behind
+            wait_for(lambda: len(engines_up(log)) > 1, "a restarted engine up", run, log)
+            second = engines_up(log)[1]
             orphan = engine_core(second)
-            assert len(commits()) < 10, "nothing left in flight for the second kill"
+            assert second != actor and orphan is not None, f"engine actor {second} has no engine core"
             os.kill(second, signal.SIGKILL)
             _, alive = psutil.wait_procs([orphan], timeout=300)
             assert not alive, "the killed actor's engine core outlived it"

@@ -44,8 +44,8 @@ SHARDS, PER_SHARD, N = 4, 2, 2
 # and advertises a GPU (which vLLM's CPU build ignores), so Ray keeps the CPU stages (read tasks, render
 # and check actors) off it as it does on a real cluster (RAY_scheduler_avoid_gpu_nodes): with only a
 # custom resource, a render actor could take a quarter of its CPU and leave the engine unplaceable.
-# One prompt at a time through the engine, every sample 48 tokens: the run lasts long enough after its first
-# samples are written for the kill to land mid-run.
+# One prompt at a time through the engine, every sample 48 tokens: the check stage's node is killed while
+# the engine still has prompts ahead of it.
 JOB_SETS = ["sampling.n=2", "sampling.max_tokens=48", "sampling.min_tokens=48", "resources.batch_size=1",
             "resources.engine_batches_in_flight=1", "resources.cpu_batch_size=2", "commit.max_prompts=2",
             "resources.engine_cpus=1", "resources.engine_resources={gpu_node: 1}", "resources.background_nice=0",
@@ -214,23 +214,23 @@ def committed_prompts(out: Path) -> int:
 
 def resource_in_use(cluster: LocalCluster, name: str) -> float:
     """How much of a custom resource the cluster's actors hold (`ray status`: "1.0/1.0 gpu_node")."""
-    status = cluster.ray_cli("status", "--address", cluster.address)
-    return float(re.search(rf"([\d.]+)/[\d.]+ {name}\b", status).group(1))
+    found = re.search(rf"([\d.]+)/[\d.]+ {name}\b", cluster.ray_cli("status", "--address", cluster.address))
+    return float(found.group(1)) if found else 0.0
 
 
-def kill_mid_run(run: subprocess.Popen, log: Path, out: Path, victim: Node, stage: str,
+def kill_mid_run(run: subprocess.Popen, log: Path, out: Path, victim: Node, stage: str, event: str,
                  holds: tuple[LocalCluster, str] | None = None) -> int:
-    """Wait for the event "the first checked samples reached the driver" (its log line: the engine and the
-    CPU stages are all flowing), check that the victim node runs `stage` (and that the custom resource
-    `holds` names is in use: the stage asked for it, it did not land there by chance) and that prompts are
-    still uncommitted (work in flight), then kill the node; returns how many prompts were committed then."""
-    wait_until(lambda: "first samples after" in log.read_text(errors="replace"), "the first samples at the driver",
-               alive=lambda: run.poll() is None, log=log)
+    """Wait for `event` (a line of the run's log), check that the victim node runs `stage` and that
+    prompts are still uncommitted (work in flight), then kill the node; returns how many prompts were
+    committed then. `holds` names a custom resource the stage must be holding before that (it asked
+    for it: it did not land there by chance)."""
+    alive = lambda: run.poll() is None  # noqa: E731
+    if holds:
+        wait_until(lambda: resource_in_use(*holds) == 1, f"{stage} holding {holds[1]}", alive=alive, log=log)
+    wait_until(lambda: event in log.read_text(errors="replace"), repr(event), alive=alive, log=log)
     on_victim = victim.workers()
     done = committed_prompts(out)
     assert any(stage in title for title in on_victim), f"{victim.name} runs no {stage}: {on_victim}"
-    if holds:
-        assert resource_in_use(*holds) == 1, f"{stage} does not hold {holds[1]}"
     assert done < SHARDS * PER_SHARD, "every prompt was committed before the kill: nothing was in flight"
     victim.kill()
     return done
@@ -249,7 +249,8 @@ def test_generate_through_ray_address_survives_losing_the_engine_node(cluster, t
                            start_new_session=True)
     try:
         gpu = next(n for n in cluster.nodes if n.name.startswith("gpu") and n.proc.poll() is None)
-        done = kill_mid_run(run, log, out, gpu, "EngineStage", holds=(cluster, "gpu_node"))
+        # as soon as the engine is up (the run logs its settings): its eight prompts are all ahead of it
+        done = kill_mid_run(run, log, out, gpu, "EngineStage", "generator engine (pid", holds=(cluster, "gpu_node"))
         cluster.add_node(f"gpu{len(cluster.nodes)}", cpus=2, resources={"gpu_node": 1}, gpus=1)
         stdout, _ = run.communicate(timeout=DEADLINE_S)
     finally:
@@ -277,7 +278,8 @@ def test_submit_survives_losing_the_cpu_stage_node(cluster, tmp_path):
                            start_new_session=True)
     try:
         cpu = next(n for n in cluster.nodes if n.name.startswith("cpu") and n.proc.poll() is None)
-        done = kill_mid_run(run, log, out, cpu, "CheckStage")
+        # once the first checked samples reached the driver: the engine and the CPU stages are all flowing
+        done = kill_mid_run(run, log, out, cpu, "CheckStage", "first samples after")
         cluster.add_node(f"cpu{len(cluster.nodes)}", cpus=2)
         run.wait(timeout=DEADLINE_S)
     finally:

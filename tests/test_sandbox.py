@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -54,19 +55,28 @@ def test_probe(caplog):
 def test_runs_hold_their_own_uid_and_are_first_for_the_oom_killer(sandbox, host):
     """Seen from the host during a run: the sandboxed python is not root (as root, a uid from the
     sandbox range), its oom_score_adj is 1000, and it sits in the run's own cgroup."""
+    # the program waits (up to 20 s) for the host's SIGUSR1, sent once the host has looked at it
+    program = ("import signal, sys, time\nsignal.signal(signal.SIGUSR1, lambda *_: sys.exit(0))\nprint('up', flush=True)\n"
+               "time.sleep(20)\nsys.exit(1)")
     result: list = []
-    runner = threading.Thread(target=lambda: result.append(sandbox.run("import time\nprint('up', flush=True)\ntime.sleep(3)", limits=Limits(wall_s=10))))
+    runner = threading.Thread(target=lambda: result.append(sandbox.run(program, limits=Limits(wall_s=30))))
     runner.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 25
     seen = None
-    while seen is None and time.monotonic() < deadline:
+    while seen is None and runner.is_alive() and time.monotonic() < deadline:
         for pid in descendants():
             try:
-                if b"/dev/fd/" in Path(f"/proc/{pid}/cmdline").read_bytes() and b"bwrap" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    status = Path(f"/proc/{pid}/status").read_text()
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if b"/dev/fd/" not in cmdline or b"bwrap" in cmdline:
+                    continue
+                status = Path(f"/proc/{pid}/status").read_text()
+                caught = int(status.split("\nSigCgt:")[1].split()[0], 16)
+                if caught & (1 << (signal.SIGUSR1 - 1)):  # the program itself is running: its handler is set
                     seen = (status, Path(f"/proc/{pid}/oom_score_adj").read_text(), Path(f"/proc/{pid}/cgroup").read_text())
+                    os.kill(pid, signal.SIGUSR1)
             except OSError:
                 continue
+        time.sleep(0.01)
     runner.join()
     assert seen is not None, "the sandboxed python never showed up"
     status, oom, cgroup = seen

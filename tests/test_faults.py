@@ -141,9 +141,10 @@ def test_a_run_killed_at_80_percent_resumes_with_at_most_30_percent_of_the_work(
         first.wait()
     finally:
         kill_session(first)
-    done = sum(committed_prompts(out).values())
+    committed = committed_prompts(out)
+    done = sum(committed.values())
     assert 14 <= done < prompts and not (out / "_manifest.json").exists(), done
-    before = {rel: Storage(str(out)).read_bytes(rel) for rel in committed_prompts(out)}
+    before = {rel: Storage(str(out)).read_bytes(rel) for rel in committed}
     manifest = rerun(shards, out)
     assert manifest["run"]["prompts_already_committed"] == done
     assert all(Storage(str(out)).read_bytes(rel) == data for rel, data in before.items())  # kept byte for byte

@@ -113,48 +113,72 @@ def engine_core(actor: int) -> psutil.Process | None:
         return None
 
 
-@pytest.mark.parametrize("restarts", [3, 0])
-def test_killing_the_engine_core_then_its_actor_mid_run_restarts_it_and_every_sample_is_published_once(tmp_path, restarts):
+def start_run(tmp_path: Path, restarts: int) -> tuple[subprocess.Popen, Path, Path]:
+    """Ten prompts, one (2 sequences of 96 tokens) in the engine at a time, each committed alone:
+    the engine is busy until the end. Returns the run (its own session), its output and its log."""
     for i in range(5):
         write_shard(tmp_path / "in" / f"p-{i}.parquet",
                     [{"id": f"q{i}-{j}", "prompt": PROMPTS[2 * i + j], "answer": "0"} for j in range(2)])
     out, log = tmp_path / "out", tmp_path / "run.log"
-    # One prompt (2 sequences) runs at a time, each for 96 tokens: the engine is busy until the end.
     cmd = [sys.executable, "-m", "pipeline", "generate", "--job", "jobs/demo.yaml", "--shards", str(tmp_path / "in" / "*.parquet"),
            "--output", str(out), "--set", "sampling.n=2", "--set", "sampling.max_tokens=96", "--set", "sampling.ignore_eos=true",
            "--set", "resources.batch_size=1", "--set", "engine.kwargs.max_num_seqs=2",
            "--set", f"resources.engine_restarts={restarts}", "--set", "commit.max_prompts=1"]
-    run = subprocess.Popen(cmd, cwd=REPO_ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=open(log, "wb"))
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=open(log, "wb")), out, log
+
+
+def kill_the_first_engine_core(run: subprocess.Popen, log: Path) -> int:
+    """Once the engine is up (its ten prompts all ahead of it), SIGKILL its engine core, as a CUDA
+    error ends one; returns the engine actor's pid."""
+    wait_for(lambda: bool(engines_up(log)), "an engine up", run, log)
+    actor = engines_up(log)[0]
+    core = engine_core(actor)
+    assert core is not None, f"engine actor {actor} has no engine core"
+    core.send_signal(signal.SIGKILL)
+    return actor
+
+
+def end_session(run: subprocess.Popen) -> None:
     try:
-        # the engine is up and its ten prompts are ahead of it: the engine core dies as a CUDA error ends it
-        wait_for(lambda: bool(engines_up(log)), "an engine up", run, log)
-        actor = engines_up(log)[0]
-        core = engine_core(actor)
-        assert core is not None, f"engine actor {actor} has no engine core"
-        core.send_signal(signal.SIGKILL)
-        if restarts:
-            # then the restarted actor itself, once its engine is up, as the OOM killer would kill it:
-            # Ray restarts it again, and its watcher ends the engine core it leaves behind
-            wait_for(lambda: len(engines_up(log)) > 1, "a restarted engine up", run, log)
-            second = engines_up(log)[1]
-            orphan = engine_core(second)
-            assert second != actor and orphan is not None, f"engine actor {second} has no engine core"
-            os.kill(second, signal.SIGKILL)
-            _, alive = psutil.wait_procs([orphan], timeout=300)
-            assert not alive, "the killed actor's engine core outlived it"
+        os.killpg(run.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_killing_the_engine_core_then_its_actor_mid_run_restarts_it_and_every_sample_is_published_once(tmp_path):
+    run, out, log = start_run(tmp_path, restarts=3)
+    try:
+        actor = kill_the_first_engine_core(run, log)
+        # then the restarted actor itself, once its engine is up, as the OOM killer would kill it:
+        # Ray restarts it again, and its watcher ends the engine core it leaves behind
+        wait_for(lambda: len(engines_up(log)) > 1, "a restarted engine up", run, log)
+        second = engines_up(log)[1]
+        orphan = engine_core(second)
+        assert second != actor and orphan is not None, f"engine actor {second} has no engine core"
+        os.kill(second, signal.SIGKILL)
+        _, alive = psutil.wait_procs([orphan], timeout=300)
+        assert not alive, "the killed actor's engine core outlived it"
         stdout, _ = run.communicate(timeout=1200)
     finally:
-        try:
-            os.killpg(run.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        end_session(run)
     text = log.read_text()
     assert f"generator engine (pid {actor}) died" in text and "killed by SIGKILL" in text
-    if not restarts:
-        assert run.returncode != 0
-        assert "the run failed after 1 engine death(s) (resources.engine_restarts=0" in text
-        return
+    assert len(engines_up(log)) == 3  # the first, and a restart after each kill
     assert run.returncode == 0, text[-3000:]
     assert stdout.decode().splitlines() == [str(out)]  # Ray's notices of the restarts went to the log, not stdout
     published = [(s["id"], s["sample_index"]) for s in pq.read_table(f"{out}/samples").to_pylist()]
     assert sorted(published) == sorted((f"q{i}-{j}", k) for i in range(5) for j in range(2) for k in range(2))
+
+
+def test_an_engine_death_with_no_restart_allowed_fails_the_run_with_its_root_cause(tmp_path):
+    run, out, log = start_run(tmp_path, restarts=0)
+    try:
+        actor = kill_the_first_engine_core(run, log)
+        run.communicate(timeout=1200)
+    finally:
+        end_session(run)
+    text = log.read_text()
+    assert run.returncode != 0 and not (out / "_manifest.json").exists()
+    assert f"generator engine (pid {actor}) died" in text and "resources.engine_restarts=0: its tasks fail" in text
+    assert ("the run failed after 1 engine death(s) (resources.engine_restarts=0 restarts per actor); last root cause: "
+            "EngineDeadError") in text and "killed by SIGKILL" in text

@@ -54,10 +54,17 @@ DEADLINE_S = 600
 NODE_IP = "127.0.0.2"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: each socket stays bound until all are (a port freed by one call
+    can be the next call's, and Ray refuses two components on one port)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def wait_until(reached: Callable[[], bool], what: str, alive: Callable[[], bool] = lambda: True,
@@ -120,17 +127,19 @@ class LocalCluster:
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)
         self.temp_dir = root / "ray"
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.gcs_port, self.dashboard_port, self.client_port = free_ports(3)
         self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
                     "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0",
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                     "PYTHONPATH": str(REPO_ROOT)}
         self.nodes: list[Node] = []
+        # each node's worker ports: 100 of its own, below the ephemeral range, apart from the other nodes'
+        self.worker_ports = 20000 + secrets.randbelow(60) * 100
 
     def start_head(self) -> None:
         self._start("head", ["--head", f"--port={self.gcs_port}", "--num-cpus=0", "--num-gpus=0", "--include-dashboard=true",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                             f"--ray-client-server-port={free_port()}"], {})
+                             f"--ray-client-server-port={self.client_port}"], {})
 
     @property
     def address(self) -> str:
@@ -141,10 +150,10 @@ class LocalCluster:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def _start(self, name: str, args: list[str], resources: dict[str, float]) -> Node:
-        ports = [f"--{flag}={free_port()}" for flag in ("node-manager-port", "object-manager-port",
-                                                          "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                          "runtime-env-agent-port", "metrics-export-port")]
-        base = 20000 + secrets.randbelow(120) * 100  # worker ports of its own, below the ephemeral range
+        flags = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                 "runtime-env-agent-port", "metrics-export-port")
+        ports = [f"--{flag}={port}" for flag, port in zip(flags, free_ports(len(flags)))]
+        base = self.worker_ports + 100 * len(self.nodes)
         log = self.root / f"{name}.log"
         proc = subprocess.Popen(
             [RAY, "start", "--block", f"--node-ip-address={NODE_IP}", f"--temp-dir={self.temp_dir}",

@@ -18,10 +18,17 @@ from pathlib import Path
 from types import TracebackType
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports on loopback: each socket stays bound until all are (a port
+    freed by one pick can be the next pick's, and a server refuses two uses of one port)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def weed_binary() -> str:
@@ -36,7 +43,8 @@ class S3Server:
 
     def __init__(self, data_dir: str | Path, access_key: str, secret_key: str, port: int | None = None) -> None:
         self.dir = Path(data_dir)
-        self.port = port or free_port()
+        self.ports = free_ports(4)  # S3 (unless given), master, volume, filer
+        self.port = port or self.ports[0]
         self.access_key, self.secret_key = access_key, secret_key
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -50,7 +58,7 @@ class S3Server:
         identity = {"name": "pipeline", "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
                     "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
         config.write_text(json.dumps({"identities": [identity]}))
-        ports = {name: free_port() for name in ("master", "volume", "filer")}
+        ports = dict(zip(("master", "volume", "filer"), self.ports[1:]))
         cmd = [
             weed_binary(), "mini", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             "-master.telemetry=false", "-admin.ui=false", "-webdav=false",

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+import psutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,6 +27,36 @@ def write_shard(path: Path, rows: list[dict[str, Any]], schema: pa.Schema = PROM
     full = [{"answer": None, "tests": None, "source": "test", "domain": "math", **r} for r in rows]
     pq.write_table(pa.Table.from_pylist(full, schema=schema), path)
     return path
+
+
+def engine_cores(session: int | None = None, under: int | None = None) -> list[psutil.Process]:
+    """vLLM's engine core processes in a run's session (a local run), or below a process (a node)."""
+    procs = psutil.Process(under).children(recursive=True) if under is not None else psutil.process_iter()
+    cores = []
+    for proc in procs:
+        try:
+            if proc.name().startswith("VLLM::EngineCor") and (session is None or os.getsid(proc.pid) == session):
+                cores.append(proc)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+    return cores
+
+
+@contextmanager
+def frozen(procs: list[psutil.Process]) -> Iterator[None]:
+    """Stop these processes (SIGSTOP) while the test acts, then let those still alive go on: an
+    engine stopped on an event cannot finish the run's prompts before the test's next step,
+    however fast the machine."""
+    for proc in procs:
+        proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for proc in procs:
+            try:
+                proc.send_signal(signal.SIGCONT)
+            except psutil.NoSuchProcess:
+                pass
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from conftest import write_shard
+from conftest import engine_cores, frozen, write_shard
 from pipeline.commits import CommitWriter, commit_files, committed_prompts
 from pipeline.config import REPO_ROOT, AdaptiveSpec, ConfigError, SelectSpec, load_job
 from pipeline.prompts import Voting, judged
@@ -391,8 +391,9 @@ def test_a_real_adaptive_run_killed_in_round_2_resumes_with_every_sample_once(tm
             assert first.poll() is None, log.read_text()[-3000:]
             time.sleep(0.05)
         assert in_round_1(), "never reached a round-1 commit"
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
+        with frozen(engine_cores(session=first.pid)):  # round 1's other prompts stay in the engine
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
         before = committed_rounds()
         assert not (out / "_manifest.json").exists()
         round_1_before = sum(r == 1 for _, r in before)

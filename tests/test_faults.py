@@ -15,7 +15,7 @@ from typing import Callable
 import psutil
 import pytest
 
-from conftest import write_shard
+from conftest import engine_cores, frozen, write_shard
 from pipeline.commits import commit_files
 from pipeline.config import REPO_ROOT
 from pipeline.storage import Storage
@@ -41,18 +41,6 @@ def kill_session(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-
-
-def engine_cores(session: int) -> list[psutil.Process]:
-    """vLLM's engine core processes of the run whose session is `session`."""
-    cores = []
-    for proc in psutil.process_iter(["name"]):
-        try:
-            if proc.info["name"].startswith("VLLM::EngineCor") and os.getsid(proc.pid) == session:
-                cores.append(proc)
-        except (psutil.NoSuchProcess, ProcessLookupError):
-            pass
-    return cores
 
 
 def inputs(tmp_path: Path, shards: int = SHARDS, per_shard: int = 2) -> tuple[str, Path]:
@@ -101,15 +89,17 @@ def test_kill_9_of_the_driver_then_rerun_publishes_every_sample_exactly_once(tmp
     """Killed with samples at the driver and none committed (killed after commits: the 80% test)."""
     shards, out = inputs(tmp_path)
     log = tmp_path / "first.log"
-    # results reach the driver but commits wait (large group, long age)
-    first = subprocess.Popen(command(shards, out, "commit.max_prompts=1000", "commit.max_age_s=3600"), cwd=REPO_ROOT,
-                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+    # results reach the driver but commits wait (large group, long age); one prompt at a time in the engine
+    first = subprocess.Popen(command(shards, out, "commit.max_prompts=1000", "commit.max_age_s=3600",
+                                     "resources.engine_batches_in_flight=1"),
+                             cwd=REPO_ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
     try:
         wait_for(lambda: "first samples after" in log.read_text(), first, log, "samples at the driver")
-        cores = engine_cores(first.pid)
+        cores = engine_cores(session=first.pid)
         assert cores, "no engine core in the run's session"
-        os.kill(first.pid, signal.SIGKILL)  # the driver dies; its Ray workers are orphaned, not killed
-        first.wait()
+        with frozen(cores):  # the rest of the prompts stay in the engine: the run cannot end and commit
+            os.kill(first.pid, signal.SIGKILL)  # the driver dies; its Ray workers are orphaned, not killed
+            first.wait()
         # ...and so are their engine cores, which their watchers end (pipeline.reaper)
         _, alive = psutil.wait_procs(cores, timeout=300)
         assert not alive, f"engine cores outlived their killed run: {alive}"
@@ -137,8 +127,9 @@ def test_a_run_killed_at_80_percent_resumes_with_at_most_30_percent_of_the_work(
         # one prompt per commit: counting the files (not reading them) lets the kill follow at once
         wait_for(lambda: len(list((out / "_pipeline" / "commits").glob("*/*.parquet"))) >= 14, first, log,
                  "70% of the prompts committed")
-        os.kill(first.pid, signal.SIGKILL)
-        first.wait()
+        with frozen(engine_cores(session=first.pid)):  # what is still in the engine stays there
+            os.kill(first.pid, signal.SIGKILL)
+            first.wait()
     finally:
         kill_session(first)
     committed = committed_prompts(out)

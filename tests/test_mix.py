@@ -522,11 +522,13 @@ def test_a_mix_killed_mid_publish_then_rerun_publishes_one_whole_version(tmp_pat
     try:
         deadline = time.time() + 600
         pending: list[str] = []
-        while time.time() < deadline and not pending:  # the event: the new version's intent record exists
+        written: list[str] = []
+        while time.time() < deadline and not written:  # the event: the new version has its first samples file
             assert proc.poll() is None, log.read_text()[-3000:]
-            pending = [p for p in storage.list("_pipeline/versions") if "pending-" in p]
+            pending = pending or [p for p in storage.list("_pipeline/versions") if "pending-" in p]
+            written = storage.list(f"samples/{pending[0].rsplit('pending-', 1)[1][:-5]}") if pending else []
             time.sleep(0.01)
-        assert pending, "the mix never began to publish"
+        assert written, "the mix never began to write its version"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:

@@ -19,7 +19,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,8 +30,9 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_shard
+from conftest import engine_cores, frozen, write_shard
 from pipeline.config import DEFAULT_MODEL_DIR, REPO_ROOT
+from pipeline.devs3 import free_ports
 from pipeline.storage import Storage
 
 pytestmark = pytest.mark.slow
@@ -51,20 +51,9 @@ JOB_SETS = ["sampling.n=2", "sampling.max_tokens=48", "sampling.min_tokens=48", 
             "resources.engine_cpus=1", "resources.engine_resources={gpu_node: 1}", "resources.background_nice=0",
             f"model.path={DEFAULT_MODEL_DIR}"]
 DEADLINE_S = 600
+NODE_PORTS = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+              "runtime-env-agent-port", "metrics-export-port")
 NODE_IP = "127.0.0.2"
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free ports: each socket stays bound until all are (a port freed by one call
-    can be the next call's, and Ray refuses two components on one port)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def wait_until(reached: Callable[[], bool], what: str, alive: Callable[[], bool] = lambda: True,
@@ -127,7 +116,7 @@ class LocalCluster:
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)
         self.temp_dir = root / "ray"
-        self.gcs_port, self.dashboard_port, self.client_port = free_ports(3)
+        self.gcs_port = self.dashboard_port = 0  # chosen with the head's other ports
         self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
                     "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0",
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -137,9 +126,10 @@ class LocalCluster:
         self.worker_ports = 20000 + secrets.randbelow(60) * 100
 
     def start_head(self) -> None:
+        self.gcs_port, self.dashboard_port, client, *node = free_ports(3 + len(NODE_PORTS))  # all distinct
         self._start("head", ["--head", f"--port={self.gcs_port}", "--num-cpus=0", "--num-gpus=0", "--include-dashboard=true",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                             f"--ray-client-server-port={self.client_port}"], {})
+                             f"--ray-client-server-port={client}"], {}, node)
 
     @property
     def address(self) -> str:
@@ -149,16 +139,15 @@ class LocalCluster:
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def _start(self, name: str, args: list[str], resources: dict[str, float]) -> Node:
-        flags = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                 "runtime-env-agent-port", "metrics-export-port")
-        ports = [f"--{flag}={port}" for flag, port in zip(flags, free_ports(len(flags)))]
+    def _start(self, name: str, args: list[str], resources: dict[str, float], ports: list[int]) -> Node:
+        """Start node `name` on `ports` (one per NODE_PORTS flag)."""
+        flags = [f"--{flag}={port}" for flag, port in zip(NODE_PORTS, ports, strict=True)]
         base = self.worker_ports + 100 * len(self.nodes)
         log = self.root / f"{name}.log"
         proc = subprocess.Popen(
             [RAY, "start", "--block", f"--node-ip-address={NODE_IP}", f"--temp-dir={self.temp_dir}",
              "--object-store-memory=100000000", "--disable-usage-stats",
-             f"--min-worker-port={base}", f"--max-worker-port={base + 99}", *ports, *args,
+             f"--min-worker-port={base}", f"--max-worker-port={base + 99}", *flags, *args,
              f"--resources={json.dumps({**resources, node_tag(name): 1})}"],
             env=self.env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
         node = Node(name, proc, log)
@@ -168,7 +157,8 @@ class LocalCluster:
         return node
 
     def add_node(self, name: str, cpus: int, resources: dict[str, float] | None = None, gpus: int = 0) -> Node:
-        return self._start(name, [f"--address={self.address}", f"--num-cpus={cpus}", f"--num-gpus={gpus}"], resources or {})
+        return self._start(name, [f"--address={self.address}", f"--num-cpus={cpus}", f"--num-gpus={gpus}"], resources or {},
+                           free_ports(len(NODE_PORTS)))
 
     def ray_cli(self, *args: str) -> str:
         return subprocess.run([RAY, *args], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -227,21 +217,26 @@ def resource_in_use(cluster: LocalCluster, name: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def kill_mid_run(run: subprocess.Popen, log: Path, out: Path, victim: Node, stage: str, event: str,
+def kill_mid_run(run: subprocess.Popen, log: Path, out: Path, victim: Node, stage: str, event: str, engine: Node,
                  holds: tuple[LocalCluster, str] | None = None) -> int:
-    """Wait for `event` (a line of the run's log), check that the victim node runs `stage` and that
-    prompts are still uncommitted (work in flight), then kill the node; returns how many prompts were
-    committed then. `holds` names a custom resource the stage must be holding before that (it asked
-    for it: it did not land there by chance)."""
+    """Wait for `event` (a line of the driver's own run log), stop the engine core on node `engine`
+    (the prompts still in it stay there, however fast the machine), check that the victim node runs
+    `stage` and that prompts are still uncommitted (work in flight), kill the victim node, then let
+    the engine go on; returns how many prompts were committed then. `holds` names a custom resource
+    the stage must be holding before that (it asked for it: it did not land there by chance)."""
     alive = lambda: run.poll() is None  # noqa: E731
     if holds:
         wait_until(lambda: resource_in_use(*holds) == 1, f"{stage} holding {holds[1]}", alive=alive, log=log)
-    wait_until(lambda: event in log.read_text(errors="replace"), repr(event), alive=alive, log=log)
-    on_victim = victim.workers()
-    done = committed_prompts(out)
-    assert any(stage in title for title in on_victim), f"{victim.name} runs no {stage}: {on_victim}"
-    assert done < SHARDS * PER_SHARD, "every prompt was committed before the kill: nothing was in flight"
-    victim.kill()
+    run_log = lambda: "".join(f.read_text(errors="replace") for f in out.glob("_pipeline/logs/*.log"))  # noqa: E731
+    wait_until(lambda: event in run_log(), repr(event), alive=alive, log=log)
+    cores = engine_cores(under=engine.proc.pid)
+    assert cores, f"no engine core on {engine.name}"
+    with frozen(cores):
+        on_victim = victim.workers()
+        done = committed_prompts(out)
+        assert any(stage in title for title in on_victim), f"{victim.name} runs no {stage}: {on_victim}"
+        assert done < SHARDS * PER_SHARD, "every prompt was committed before the kill: nothing was in flight"
+        victim.kill()
     return done
 
 
@@ -259,7 +254,7 @@ def test_generate_through_ray_address_survives_losing_the_engine_node(cluster, t
     try:
         gpu = next(n for n in cluster.nodes if n.name.startswith("gpu") and n.proc.poll() is None)
         # as soon as the engine is up (the run logs its settings): its eight prompts are all ahead of it
-        done = kill_mid_run(run, log, out, gpu, "EngineStage", "generator engine (pid", holds=(cluster, "gpu_node"))
+        done = kill_mid_run(run, log, out, gpu, "EngineStage", "generator engine (pid", gpu, holds=(cluster, "gpu_node"))
         cluster.add_node(f"gpu{len(cluster.nodes)}", cpus=2, resources={"gpu_node": 1}, gpus=1)
         stdout, _ = run.communicate(timeout=DEADLINE_S)
     finally:
@@ -287,8 +282,9 @@ def test_submit_survives_losing_the_cpu_stage_node(cluster, tmp_path):
                            start_new_session=True)
     try:
         cpu = next(n for n in cluster.nodes if n.name.startswith("cpu") and n.proc.poll() is None)
+        gpu = next(n for n in cluster.nodes if n.name.startswith("gpu") and n.proc.poll() is None)
         # once the first checked samples reached the driver: the engine and the CPU stages are all flowing
-        done = kill_mid_run(run, log, out, cpu, "CheckStage", "first samples after")
+        done = kill_mid_run(run, log, out, cpu, "CheckStage", "first samples after", gpu)
         cluster.add_node(f"cpu{len(cluster.nodes)}", cpus=2)
         run.wait(timeout=DEADLINE_S)
     finally:

@@ -1,9 +1,12 @@
 """A stage actor's subprocesses end with it, even when it is killed with -9 (pipeline.reaper)."""
 
+import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import psutil
 
@@ -29,20 +32,20 @@ ACTOR = textwrap.dedent("""
 def test_the_children_of_an_actor_killed_with_9_are_ended_by_its_watcher():
     actor = subprocess.Popen([sys.executable, "-c", ACTOR], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
                              env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
+    started: list[psutil.Process] = []
     try:
-        child, grandchild, watcher = (psutil.Process(int(p)) for p in actor.stdout.readline().split())
+        started += (psutil.Process(int(p)) for p in actor.stdout.readline().split())
+        child, grandchild, watcher = started
         assert child.is_running() and grandchild.is_running()
         actor.send_signal(signal.SIGKILL)
         actor.wait()
         gone, alive = psutil.wait_procs([child, grandchild, watcher], timeout=120)
         assert not alive, f"still running after the actor's death: {alive}"
     finally:
-        for pid in psutil.pids():
+        for proc in started:  # only this test's own processes: others on the machine are not ours
             try:
-                proc = psutil.Process(pid)
-                if proc.cmdline()[-1:] == ["1000"] and proc.ppid() == 1:
-                    proc.kill()
-            except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
+                proc.kill()
+            except psutil.NoSuchProcess:
                 pass
 
 
@@ -64,27 +67,40 @@ def test_an_actor_that_stopped_its_children_itself_leaves_nothing_to_end():
 
 def test_an_actor_dying_between_its_question_and_the_answer_still_has_its_children_ended():
     """The watcher's answer meets a closed pipe: it must go on watching, not crash and leave orphans."""
-    import os
-
     actor = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.Popen(['sleep', '1000']); sys.stdin.read()"],
                              stdin=subprocess.PIPE)
     proc = psutil.Process(actor.pid)
     requests_r, requests_w = os.pipe()
-    acks_r, acks_w = os.pipe()
     os.write(requests_w, b"look\n")
-    os.close(acks_r)  # nobody will read the answer
-    child = None
-    while child is None:  # the actor has started its child
-        child = next(iter(proc.children()), None)
-    actor.stdin.close()  # the actor ends
-    acks = os.fdopen(acks_w, "w")
+    deadline = time.monotonic() + 60
+    while not proc.children():  # the actor has started its child
+        assert time.monotonic() < deadline, "the actor never started its child"
+        time.sleep(0.01)
+    (child,) = proc.children()
+
+    class GonePipe:
+        """The actor's end of the answers, closed: writing fails as a broken pipe does, once the
+        watcher has looked (which is when the actor dies here)."""
+
+        answered = threading.Event()
+
+        def write(self, _: str) -> int:
+            self.answered.set()
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            pass
+
+    acks = GonePipe()
+    ended: list[int] = []
     with os.fdopen(requests_r) as requests:
-        ended = reap(actor.pid, proc.create_time(), requests, acks, refresh_s=0.1, grace_s=1.0)
+        watcher = threading.Thread(target=lambda: ended.extend(reap(actor.pid, proc.create_time(), requests, acks,  # type: ignore[arg-type]
+                                                                    refresh_s=0.1, grace_s=1.0)))
+        watcher.start()
+        assert acks.answered.wait(60), "the watcher never answered"
+        actor.stdin.close()  # the actor ends
+        watcher.join(60)
     os.close(requests_w)
-    try:
-        acks.close()  # the unanswered "seen" is still buffered
-    except BrokenPipeError:
-        pass
     actor.wait()
     gone, _ = psutil.wait_procs([child], timeout=5)  # ended (a zombie until its new parent collects it)
     assert ended == [child.pid] and gone

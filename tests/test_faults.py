@@ -1,7 +1,8 @@
 """Fault tests with the real engine: kill -9 of the driver mid-run, then the same command again.
 
 Every kill waits on an event that proves work was in flight (the driver's "first samples" log
-line, or commit files appearing), never on a fixed delay."""
+line, or commit files appearing), never on a fixed delay, and stops the engine core while it
+kills: what is still in the engine stays uncommitted however fast the engine is."""
 
 import json
 import os

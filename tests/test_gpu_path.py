@@ -65,10 +65,13 @@ def test_the_first_samples_leave_the_engine_long_before_the_slowest_sequence_end
 
 
 @pytest.mark.timeout(600)
-def test_actors_that_cannot_start_fail_the_run_with_the_reason_instead_of_waiting(tiny_job, ray_local):
+def test_actors_that_cannot_start_fail_the_run_with_the_reason_instead_of_waiting(tiny_job, ray_local, monkeypatch):
     import ray
 
     from pipeline.run import generate
+
+    ctx = ray.data.DataContext.get_current()  # the run sets its 5 s start timeout there: later tests get theirs back
+    monkeypatch.setattr(ctx, "wait_for_min_actors_s", ctx.wait_for_min_actors_s)
 
     class Hog:  # another job, holding the cluster's free CPUs
         def ready(self) -> bool:

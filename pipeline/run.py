@@ -322,10 +322,7 @@ class EngineLog:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def close(self) -> list[dict[str, Any]]:
-        """Stop following; returns every event, those not yet logged logged."""
+        """Stop following; `events` then holds every event, each logged."""
         self.stop.set()
         if self.thread.is_alive():
             self.thread.join()
@@ -333,7 +330,6 @@ class EngineLog:
             self._take(0)
         except Exception as e:  # Ray itself failing: the caller's own error says more
             log.debug("engine reports unavailable: %s", e)
-        return self.events
 
     def _follow(self) -> None:
         while not self.stop.is_set():
@@ -421,13 +417,12 @@ def add_engines(ds: Any, job: JobConfig, use_gpu: bool, report: Any) -> Any:
     return ds.map_batches(EngineStage, **engine_pool(job, "generator", use_gpu, report))
 
 
-def results(ds: Any, job: JobConfig, reports: Any, use_gpu: bool) -> Iterator[pa.Table]:
+def results(ds: Any, job: JobConfig, engines: EngineLog, use_gpu: bool) -> Iterator[pa.Table]:
     """The plan's output batches. What engines report is logged as it comes (their resolved settings
     at start-up, their deaths); actors that cannot start and engines that keep dying end the run with
     the reason, not with Ray's internals."""
     import ray
 
-    engines = EngineLog(reports, job.resources.engine_restarts)
     try:
         with engines:
             yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
@@ -439,7 +434,7 @@ def results(ds: Any, job: JobConfig, reports: Any, use_gpu: bool) -> Iterator[pa
             f"{job.resources.start_timeout_s:g}s ({needs}): the cluster's free resources cannot place them (see "
             f"`ray status` for pending demands), or loading the model takes longer (raise start_timeout_s)") from None
     except Exception as e:
-        deaths = [r for r in engines.close() if r["event"] == "died"]
+        deaths = [r for r in engines.events if r["event"] == "died"]  # all of them: leaving `with` took the rest
         if not deaths:
             raise
         raise RunFailed(
@@ -472,6 +467,7 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: F
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     reports = ray.remote(num_cpus=0, scheduling_strategy=here)(EngineReports).remote()
     report = functools.partial(_report, reports)
+    engines = EngineLog(reports, res.engine_restarts)
     pool = ray.data.ActorPoolStrategy
     cpu_stage = {"batch_format": "pyarrow", "compute": pool(size=res.cpu_actors), "num_cpus": res.cpu_stage_cpus,
                  "runtime_env": {"env_vars": ACTOR_ENV}}
@@ -490,7 +486,7 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: F
     metrics = Metrics()
     try:
         with console.Progress(len(plan.todo) * job.n) as progress:
-            for batch in results(ds, job, reports, use_gpu):
+            for batch in results(ds, job, engines, use_gpu):
                 if progress.waiting:
                     log.info("first samples after %.0fs", progress.elapsed)
                 commits = len(writer.commits)
@@ -507,8 +503,8 @@ def _execute(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: F
     if missing:
         raise RunFailed(f"{len(missing)} of {len(plan.todo)} prompts were not completed (e.g. id {missing[0][0]!r}); "
                         "the rest is committed: rerun the same command to finish them")
-    engines = [e for e in ray.get(reports.since.remote(0, 0)) if e["event"] == "started"]
-    return {"commits_written": len(writer.commits), "replayed_samples_dropped": writer.duplicates}, engines
+    started = [e for e in engines.events if e["event"] == "started"]
+    return {"commits_written": len(writer.commits), "replayed_samples_dropped": writer.duplicates}, started
 
 
 def curate(job: JobConfig, inputs: list[str], output: str) -> str:

@@ -17,7 +17,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_shard
+from conftest import engine_cores, write_shard
 from pipeline.config import REPO_ROOT, ConfigError, load_job
 
 pytestmark = pytest.mark.slow
@@ -114,13 +114,6 @@ def engines_up(log: Path) -> list[int]:
     return [int(pid) for pid in re.findall(r"generator engine \(pid (\d+)\): max_num_seqs", log.read_text(errors="replace"))]
 
 
-def engine_core(actor: int) -> psutil.Process | None:
-    try:
-        return next((c for c in psutil.Process(actor).children() if c.name().startswith("VLLM::EngineCore")), None)
-    except psutil.NoSuchProcess:
-        return None
-
-
 def start_run(tmp_path: Path, restarts: int) -> tuple[subprocess.Popen, Path, Path]:
     """Ten prompts, one (2 sequences of 96 tokens) in the engine at a time, each committed alone:
     the engine is busy until the end. Returns the run (its own session), its output and its log."""
@@ -140,9 +133,9 @@ def kill_the_first_engine_core(run: subprocess.Popen, log: Path) -> int:
     error ends one; returns the engine actor's pid."""
     wait_for(lambda: bool(engines_up(log)), "an engine up", run, log)
     actor = engines_up(log)[0]
-    core = engine_core(actor)
-    assert core is not None, f"engine actor {actor} has no engine core"
-    core.send_signal(signal.SIGKILL)
+    cores = engine_cores(under=actor)
+    assert len(cores) == 1, f"engine actor {actor} has engine cores {cores}"
+    cores[0].send_signal(signal.SIGKILL)
     return actor
 
 
@@ -161,8 +154,9 @@ def test_killing_the_engine_core_then_its_actor_mid_run_restarts_it_and_every_sa
         # Ray restarts it again, and its watcher ends the engine core it leaves behind
         wait_for(lambda: len(engines_up(log)) > 1, "a restarted engine up", run, log)
         second = engines_up(log)[1]
-        orphan = engine_core(second)
-        assert second != actor and orphan is not None, f"engine actor {second} has no engine core"
+        cores = engine_cores(under=second)
+        assert second != actor and len(cores) == 1, f"engine actor {second} has engine cores {cores}"
+        orphan = cores[0]
         os.kill(second, signal.SIGKILL)
         _, alive = psutil.wait_procs([orphan], timeout=300)
         assert not alive, "the killed actor's engine core outlived it"

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import psutil
 
@@ -29,6 +31,19 @@ def write_shard(path: Path, rows: list[dict[str, Any]], schema: pa.Schema = PROM
     return path
 
 
+def wait_for(reached: Callable[[], bool], what: str, proc: subprocess.Popen | None = None, log: Path | None = None,
+             timeout_s: float = 600) -> None:
+    """Poll for an event (a file, a log line, a node in the GCS) every 10 ms until `timeout_s`, never
+    a fixed sleep; fail at once, with the end of `log`, if `proc` ends first. Polled this often, a
+    test acts on an event before a fast machine has moved far past it."""
+    deadline = time.monotonic() + timeout_s
+    while not reached():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the process ended before {what}:\n" + (log.read_text(errors="replace")[-3000:] if log else ""))
+        assert time.monotonic() < deadline, f"never reached: {what}"
+        time.sleep(0.01)
+
+
 def engine_cores(session: int | None = None, under: int | None = None) -> list[psutil.Process]:
     """vLLM's engine core processes in a run's session (a local run), or below a process (a node)."""
     procs = psutil.Process(under).children(recursive=True) if under is not None else psutil.process_iter()
@@ -44,9 +59,9 @@ def engine_cores(session: int | None = None, under: int | None = None) -> list[p
 
 @contextmanager
 def frozen(procs: list[psutil.Process]) -> Iterator[None]:
-    """Stop these processes (SIGSTOP) while the test acts, then let those still alive go on: an
-    engine stopped on an event cannot finish the run's prompts before the test's next step,
-    however fast the machine."""
+    """Stop these processes (SIGSTOP), in order, while the test acts, then let those still alive go
+    on: a driver stopped on an event commits nothing more, an engine stopped on one finishes no more
+    prompts, before the test's next step, however fast the machine."""
     for proc in procs:
         proc.send_signal(signal.SIGSTOP)
     try:

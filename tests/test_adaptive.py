@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from conftest import engine_cores, frozen, write_shard
+from conftest import wait_for, write_shard
 from pipeline.commits import CommitWriter, commit_files, committed_prompts
 from pipeline.config import REPO_ROOT, AdaptiveSpec, ConfigError, SelectSpec, load_job
 from pipeline.prompts import Voting, judged
@@ -381,20 +381,16 @@ def test_a_real_adaptive_run_killed_in_round_2_resumes_with_every_sample_once(tm
     first = subprocess.Popen(adaptive_command(shards, out), cwd=REPO_ROOT, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
     try:
-        deadline = time.time() + 900
-        committed_rounds = CommittedRounds(out)
-
-        def in_round_1() -> bool:
-            return any(r == 1 for _, r in committed_rounds())
-
-        while time.time() < deadline and not in_round_1():  # an event: a round-1 commit exists
-            assert first.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.05)
-        assert in_round_1(), "never reached a round-1 commit"
-        with frozen(engine_cores(session=first.pid)):  # round 1's other prompts stay in the engine
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
-        before = committed_rounds()
+        # the event: round 1's first commit, i.e. one more commit file than round 0 left (counted,
+        # not read, so that the kill follows within milliseconds, before the driver commits the rest)
+        run_log = lambda: "".join(f.read_text(errors="replace") for f in out.glob("_pipeline/logs/*.log"))  # noqa: E731
+        commits = lambda: len(list(out.glob("_pipeline/commits/*/*.parquet")))  # noqa: E731
+        wait_for(lambda: "round 1: " in run_log(), "round 1 planned", first, log, timeout_s=900)
+        round_0 = commits()
+        wait_for(lambda: commits() > round_0, "a round-1 commit", first, log, timeout_s=900)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        before = CommittedRounds(out)()
         assert not (out / "_manifest.json").exists()
         round_1_before = sum(r == 1 for _, r in before)
         again = subprocess.run(adaptive_command(shards, out), cwd=REPO_ROOT, capture_output=True, text=True,

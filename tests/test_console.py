@@ -6,13 +6,13 @@ import logging
 import re
 import subprocess
 import sys
-import time
 from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import wait_for
 from pipeline import console
 from pipeline.config import REPO_ROOT
 from pipeline.storage import Storage
@@ -25,12 +25,6 @@ def term():
     yield stream, console.setup(verbose=False, every_s=0.05, stream=stream)
     console.teardown()
 
-
-def wait_until(reached, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not reached():
-        assert time.monotonic() < deadline, f"never reached: {what}"
-        time.sleep(0.01)
 
 
 def test_console_shows_the_pipelines_lines_and_verbose_shows_the_rest(monkeypatch):
@@ -92,7 +86,7 @@ def test_worker_lines_get_their_level_and_tracebacks_are_errors(caplog):
 def test_progress_without_a_terminal_prints_a_line_every_few_seconds_and_at_the_end(term):
     stream, _ = term
     with console.Progress(total=10) as progress:
-        wait_until(lambda: "waiting for the first samples" in stream.getvalue(), "a line before any result")
+        wait_for(lambda: "waiting for the first samples" in stream.getvalue(), "a line before any result", timeout_s=30)
         progress.add(console.Counts(rows=4, accepted=1, tokens=400, reasons=Counter()))
         progress.add(console.Counts(rows=6, accepted=2, tokens=600, reasons=Counter({"truncated": 7})))
     last = stream.getvalue().splitlines()[-1]

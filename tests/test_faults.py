@@ -1,22 +1,20 @@
 """Fault tests with the real engine: kill -9 of the driver mid-run, then the same command again.
 
 Every kill waits on an event that proves work was in flight (the driver's "first samples" log
-line, or commit files appearing), never on a fixed delay, and stops the engine core while it
-kills: what is still in the engine stays uncommitted however fast the engine is."""
+line, or commit files appearing), never on a fixed delay, and stops or kills the driver the
+moment it sees it: the driver commits, and a fast engine may already have handed it every result."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import psutil
 import pytest
 
-from conftest import engine_cores, frozen, write_shard
+from conftest import engine_cores, frozen, wait_for, write_shard
 from pipeline.commits import commit_files
 from pipeline.config import REPO_ROOT
 from pipeline.storage import Storage
@@ -53,13 +51,6 @@ def inputs(tmp_path: Path, shards: int = SHARDS, per_shard: int = 2) -> tuple[st
     return str(tmp_path / "in" / "*.parquet"), tmp_path / "out"
 
 
-def wait_for(reached: Callable[[], bool], proc: subprocess.Popen, log: Path, what: str) -> None:
-    deadline = time.time() + 600
-    while time.time() < deadline and not reached():
-        assert proc.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.05)
-    assert reached(), f"never reached {what}"
-
 
 def committed_prompts(out: Path) -> dict[str, int]:
     """Committed prompts per commit file (read from the files themselves)."""
@@ -95,11 +86,12 @@ def test_kill_9_of_the_driver_then_rerun_publishes_every_sample_exactly_once(tmp
                                      "resources.engine_batches_in_flight=1"),
                              cwd=REPO_ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
     try:
-        wait_for(lambda: "first samples after" in log.read_text(), first, log, "samples at the driver")
-        cores = engine_cores(session=first.pid)
-        assert cores, "no engine core in the run's session"
-        with frozen(cores):  # the rest of the prompts stay in the engine: the run cannot end and commit
-            os.kill(first.pid, signal.SIGKILL)  # the driver dies; its Ray workers are orphaned, not killed
+        wait_for(lambda: "first samples after" in log.read_text(), "samples at the driver", first, log)
+        driver = psutil.Process(first.pid)
+        with frozen([driver]):  # it holds every result that left the engine: it commits nothing more
+            cores = engine_cores(session=first.pid)
+            assert cores, "no engine core in the run's session"
+            driver.kill()  # the driver dies; its Ray workers are orphaned, not killed
             first.wait()
         # ...and so are their engine cores, which their watchers end (pipeline.reaper)
         _, alive = psutil.wait_procs(cores, timeout=300)
@@ -118,24 +110,24 @@ def test_kill_9_of_the_driver_then_rerun_publishes_every_sample_exactly_once(tmp
 
 
 def test_a_run_killed_at_80_percent_resumes_with_at_most_30_percent_of_the_work(tmp_path):
-    prompts = 20
+    prompts = 30
     shards, out = inputs(tmp_path, shards=1, per_shard=prompts)  # one shard: finer than shard-level commits
     log = tmp_path / "first.log"
-    # one prompt in the engine at a time, each committed on its own: the kill lands between commits
+    # one prompt in the engine at a time, each committed on its own by the driver: the kill lands between commits
     first = subprocess.Popen(command(shards, out, "commit.max_prompts=1", "resources.engine_batches_in_flight=1"),
                              cwd=REPO_ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
     try:
-        # one prompt per commit: counting the files (not reading them) lets the kill follow at once
-        wait_for(lambda: len(list((out / "_pipeline" / "commits").glob("*/*.parquet"))) >= 14, first, log,
-                 "70% of the prompts committed")
-        with frozen(engine_cores(session=first.pid)):  # what is still in the engine stays there
-            os.kill(first.pid, signal.SIGKILL)
-            first.wait()
+        # counting the commit files (one prompt each, not reading them) lets the kill follow within
+        # milliseconds: a fast machine commits a few more in that time, out of the 30% left
+        wait_for(lambda: len(list((out / "_pipeline" / "commits").glob("*/*.parquet"))) >= 0.7 * prompts,
+                 "70% of the prompts committed", first, log)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
     finally:
         kill_session(first)
     committed = committed_prompts(out)
     done = sum(committed.values())
-    assert 14 <= done < prompts and not (out / "_manifest.json").exists(), done
+    assert 0.7 * prompts <= done < prompts and not (out / "_manifest.json").exists(), done
     before = {rel: Storage(str(out)).read_bytes(rel) for rel in committed}
     manifest = rerun(shards, out)
     assert manifest["run"]["prompts_already_committed"] == done

@@ -11,26 +11,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import engine_cores, write_shard
+from conftest import engine_cores, wait_for, write_shard
 from pipeline.config import REPO_ROOT, ConfigError, load_job
 
 pytestmark = pytest.mark.slow
 
-
-def wait_for(reached: Callable[[], bool], what: str, proc: subprocess.Popen | None = None, log: Path | None = None,
-             timeout_s: float = 600) -> None:
-    deadline = time.time() + timeout_s
-    while not reached():
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the run ended before {what}:\n{log.read_text()[-3000:] if log else ''}")
-        assert time.time() < deadline, f"never reached {what}"
-        time.sleep(0.2)
 
 
 def test_the_first_samples_leave_the_engine_long_before_the_slowest_sequence_ends(ray_local, model_dir):

@@ -22,15 +22,14 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import engine_cores, frozen, write_shard
+from conftest import engine_cores, frozen, wait_for, write_shard
 from pipeline.config import DEFAULT_MODEL_DIR, REPO_ROOT
 from pipeline.devs3 import free_ports
 from pipeline.storage import Storage
@@ -55,15 +54,6 @@ NODE_PORTS = ("node-manager-port", "object-manager-port", "dashboard-agent-liste
               "runtime-env-agent-port", "metrics-export-port")
 NODE_IP = "127.0.0.2"
 
-
-def wait_until(reached: Callable[[], bool], what: str, alive: Callable[[], bool] = lambda: True,
-               log: Path | None = None) -> None:
-    """Poll for an event (a file, a node in the GCS, a log line) until a deadline; never a fixed sleep."""
-    deadline = time.monotonic() + DEADLINE_S
-    while not reached():
-        assert alive(), f"gave up waiting for {what}: its process ended\n" + (log.read_text()[-3000:] if log else "")
-        assert time.monotonic() < deadline, f"never reached: {what}"
-        time.sleep(0.2)
 
 
 class Node:
@@ -152,8 +142,8 @@ class LocalCluster:
             env=self.env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
         node = Node(name, proc, log)
         self.nodes.append(node)
-        wait_until(lambda: node.tag in self.node_ids(), f"node {name} alive in the cluster",
-                   alive=lambda: node.proc.poll() is None, log=log)
+        wait_for(lambda: node.tag in self.node_ids(), f"node {name} alive in the cluster", node.proc, log,
+                 timeout_s=DEADLINE_S)
         return node
 
     def add_node(self, name: str, cpus: int, resources: dict[str, float] | None = None, gpus: int = 0) -> Node:
@@ -219,24 +209,25 @@ def resource_in_use(cluster: LocalCluster, name: str) -> float:
 
 def kill_mid_run(run: subprocess.Popen, log: Path, out: Path, victim: Node, stage: str, event: str, engine: Node,
                  holds: tuple[LocalCluster, str] | None = None) -> int:
-    """Wait for `event` (a line of the driver's own run log), stop the engine core on node `engine`
-    (the prompts still in it stay there, however fast the machine), check that the victim node runs
-    `stage` and that prompts are still uncommitted (work in flight), kill the victim node, then let
-    the engine go on; returns how many prompts were committed then. `holds` names a custom resource
-    the stage must be holding before that (it asked for it: it did not land there by chance)."""
-    alive = lambda: run.poll() is None  # noqa: E731
+    """Wait for `event` (a line of the driver's own run log), stop the driver (it commits) and the
+    engine core on node `engine` (the prompts still in it stay there, however fast the machine),
+    check that the victim node runs `stage` and that prompts are still uncommitted (work in
+    flight), kill the victim node, then let both go on; returns how many prompts were committed
+    then. `holds` names a custom resource the stage must be holding before that (it asked for it:
+    it did not land there by chance)."""
     if holds:
-        wait_until(lambda: resource_in_use(*holds) == 1, f"{stage} holding {holds[1]}", alive=alive, log=log)
+        wait_for(lambda: resource_in_use(*holds) == 1, f"{stage} holding {holds[1]}", run, log, timeout_s=DEADLINE_S)
     run_log = lambda: "".join(f.read_text(errors="replace") for f in out.glob("_pipeline/logs/*.log"))  # noqa: E731
-    wait_until(lambda: event in run_log(), repr(event), alive=alive, log=log)
-    cores = engine_cores(under=engine.proc.pid)
-    assert cores, f"no engine core on {engine.name}"
-    with frozen(cores):
-        on_victim = victim.workers()
-        done = committed_prompts(out)
-        assert any(stage in title for title in on_victim), f"{victim.name} runs no {stage}: {on_victim}"
-        assert done < SHARDS * PER_SHARD, "every prompt was committed before the kill: nothing was in flight"
-        victim.kill()
+    wait_for(lambda: event in run_log(), repr(event), run, log, timeout_s=DEADLINE_S)
+    with frozen([psutil.Process(run.pid)]):
+        cores = engine_cores(under=engine.proc.pid)
+        assert cores, f"no engine core on {engine.name}"
+        with frozen(cores):
+            on_victim = victim.workers()
+            done = committed_prompts(out)
+            assert any(stage in title for title in on_victim), f"{victim.name} runs no {stage}: {on_victim}"
+            assert done < SHARDS * PER_SHARD, "every prompt was committed before the kill: nothing was in flight"
+            victim.kill()
     return done
 
 

@@ -9,13 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import wait_for
 from pipeline.config import REPO_ROOT, ConfigError, load_job
 from pipeline.prepare import Converter, PrepareOptions, prepare
 from pipeline.read import InputError, check_prepared, resolve
@@ -114,12 +114,6 @@ def start_prepare(fifo, where, *args):
                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(condition, what, timeout_s=120):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
 
 def test_a_killed_prepare_leaves_the_earlier_shards_and_no_partial_one(where, tmp_path):
     """The source is a pipe the test feeds: prepare has written shards (and is streaming the next)
@@ -133,7 +127,7 @@ def test_a_killed_prepare_leaves_the_earlier_shards_and_no_partial_one(where, tm
     with open(fifo, "w") as feed:
         feed.write(gsm_lines(9000, 1000))  # the first 8192-row batch goes to the shard writer
         feed.flush()
-        wait_for(lambda: any(f.endswith("/prompts-00000.parquet") for f in files(where)), "the first staged shard")
+        wait_for(lambda: any(f.endswith("/prompts-00000.parquet") for f in files(where)), "the first staged shard", timeout_s=120)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert {f: Storage(where).read_bytes(f) for f in files(where) if not f.startswith("_prepare-")} == before

@@ -207,25 +207,35 @@ def resource_in_use(cluster: LocalCluster, name: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def kill_mid_run(run: subprocess.Popen, log: Path, out: Path, victim: Node, stage: str, event: str, engine: Node,
-                 holds: tuple[LocalCluster, str] | None = None) -> int:
-    """Wait for `event` (a line of the driver's own run log), stop the driver (it commits) and the
-    engine core on node `engine` (the prompts still in it stay there, however fast the machine),
-    check that the victim node runs `stage` and that prompts are still uncommitted (work in
-    flight), kill the victim node, then let both go on; returns how many prompts were committed
-    then. `holds` names a custom resource the stage must be holding before that (it asked for it:
-    it did not land there by chance)."""
-    if holds:
-        wait_for(lambda: resource_in_use(*holds) == 1, f"{stage} holding {holds[1]}", run, log, timeout_s=DEADLINE_S)
+def submitted_driver(cluster: LocalCluster) -> psutil.Process | None:
+    """The driver `ray job submit` started on the head node (`python3 -m pipeline generate`), if up."""
+    for proc in psutil.Process(cluster.nodes[0].proc.pid).children(recursive=True):
+        try:
+            if proc.cmdline()[1:4] == ["-m", "pipeline", "generate"]:
+                return proc
+        except psutil.Error:
+            pass
+    return None
+
+
+def kill_mid_run(run: subprocess.Popen, log: Path, out: Path, driver: psutil.Process, victim: Node, stage: str,
+                 event: str, engine: Node, holds: tuple[LocalCluster, str] | None = None) -> int:
+    """Wait for `event` (a line of the driver's own run log), at once stop the `driver` (it commits)
+    and then the engine core on node `engine` (the prompts still in it stay there, however fast the
+    machine), check that the victim node runs `stage` and that prompts are still uncommitted (work
+    in flight), kill the victim node, then let both go on; returns how many prompts were committed
+    then. `holds` names a custom resource the stage must be holding (it asked for it: it did not
+    land there by chance)."""
     run_log = lambda: "".join(f.read_text(errors="replace") for f in out.glob("_pipeline/logs/*.log"))  # noqa: E731
     wait_for(lambda: event in run_log(), repr(event), run, log, timeout_s=DEADLINE_S)
-    with frozen([psutil.Process(run.pid)]):
+    with frozen([driver]):
         cores = engine_cores(under=engine.proc.pid)
         assert cores, f"no engine core on {engine.name}"
         with frozen(cores):
             on_victim = victim.workers()
             done = committed_prompts(out)
             assert any(stage in title for title in on_victim), f"{victim.name} runs no {stage}: {on_victim}"
+            assert not holds or resource_in_use(*holds) == 1, f"{stage} does not hold {holds[1]}"
             assert done < SHARDS * PER_SHARD, "every prompt was committed before the kill: nothing was in flight"
             victim.kill()
     return done
@@ -245,7 +255,8 @@ def test_generate_through_ray_address_survives_losing_the_engine_node(cluster, t
     try:
         gpu = next(n for n in cluster.nodes if n.name.startswith("gpu") and n.proc.poll() is None)
         # as soon as the engine is up (the run logs its settings): its eight prompts are all ahead of it
-        done = kill_mid_run(run, log, out, gpu, "EngineStage", "generator engine (pid", gpu, holds=(cluster, "gpu_node"))
+        done = kill_mid_run(run, log, out, psutil.Process(run.pid), gpu, "EngineStage", "generator engine (pid", gpu,
+                            holds=(cluster, "gpu_node"))
         cluster.add_node(f"gpu{len(cluster.nodes)}", cpus=2, resources={"gpu_node": 1}, gpus=1)
         stdout, _ = run.communicate(timeout=DEADLINE_S)
     finally:
@@ -274,8 +285,11 @@ def test_submit_survives_losing_the_cpu_stage_node(cluster, tmp_path):
     try:
         cpu = next(n for n in cluster.nodes if n.name.startswith("cpu") and n.proc.poll() is None)
         gpu = next(n for n in cluster.nodes if n.name.startswith("gpu") and n.proc.poll() is None)
+        # the driver runs on the head node, not in this process tree: found before the event, to stop it at once
+        wait_for(lambda: submitted_driver(cluster) is not None, "the submitted driver", run, log, timeout_s=DEADLINE_S)
+        driver = submitted_driver(cluster)
         # once the first checked samples reached the driver: the engine and the CPU stages are all flowing
-        done = kill_mid_run(run, log, out, cpu, "CheckStage", "first samples after", gpu)
+        done = kill_mid_run(run, log, out, driver, cpu, "CheckStage", "first samples after", gpu)
         cluster.add_node(f"cpu{len(cluster.nodes)}", cpus=2)
         run.wait(timeout=DEADLINE_S)
     finally:

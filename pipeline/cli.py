@@ -139,7 +139,7 @@ def prepare(
             report = run_prepare(source, output, convert, opts)
             progress.set(report.read, report.written)
     console.prepare_summary(report.read, report.written, report.dropped, report.shards, report.bad_rows,
-                            f"{output.rstrip('/')}/_prepare_report.json")
+                            f"{output.rstrip('/')}/_prepare_report.json" if report.written else None)
     if not report.written:
         why = "every row was dropped (see above; check --format)" if report.read else "the source holds no rows"
         _fail(2, f"nothing written to {output}: {why}; an earlier prepare's shards there are unchanged")

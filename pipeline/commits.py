@@ -17,11 +17,13 @@ import posixpath
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.ngrams import digest, normalize
 from pipeline.storage import INTERNAL, Fenced, Storage, table_bytes
 
 KEY_COLUMN = "prompt_hash"
@@ -58,19 +60,33 @@ def commit_files(storage: Storage, fp: str) -> list[str]:
     return [p for p in storage.list(commit_dir(fp)) if p.endswith(".parquet")]
 
 
-def committed_keys(storage: Storage, fp: str, threads: int = 16) -> dict[str, str]:
-    """id -> content hash of every committed prompt (only two columns of each commit are read)."""
+@dataclass(frozen=True)
+class Committed:
+    """What the output already holds: each committed prompt's content hash by id, and the digests
+    of the committed prompts' normalised texts, against which `prompts.dedup` flags the same
+    prompt under a new id (a source re-prepared under another name) as a duplicate."""
+
+    keys: dict[str, str] = field(default_factory=dict)
+    prompts: frozenset[bytes] = frozenset()
+
+
+def committed_keys(storage: Storage, fp: str, threads: int = 16) -> Committed:
+    """Every committed prompt's key and text digest (three columns of each commit are read; the
+    prompt column is dictionary-encoded, one entry per prompt)."""
     files = commit_files(storage, fp)
 
-    def keys(rel: str) -> list[tuple[str, str]]:
-        t = storage.read_table(rel, columns=["id", KEY_COLUMN])
-        return list(zip(t.column("id").to_pylist(), t.column(KEY_COLUMN).to_pylist()))
+    def keys(rel: str) -> tuple[list[tuple[str, str]], set[bytes]]:
+        t = storage.read_table(rel, columns=["id", KEY_COLUMN, "prompt"])
+        texts = pc.unique(t.column("prompt").drop_null()).to_pylist()
+        return list(zip(t.column("id").to_pylist(), t.column(KEY_COLUMN).to_pylist())), {digest(normalize(x)) for x in texts}
 
     out: dict[str, str] = {}
+    prompts: set[bytes] = set()
     with ThreadPoolExecutor(threads) as pool:
-        for pairs in pool.map(keys, files):
+        for pairs, digests in pool.map(keys, files):
             out.update(pairs)
-    return out
+            prompts |= digests
+    return Committed(out, frozenset(prompts))
 
 
 def rounds_of(table: pa.Table) -> list[int]:

@@ -7,10 +7,11 @@ in the pre-flight check before any engine starts.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -154,7 +155,8 @@ class VerifySpec(Strict):
 class PromptSpec(Strict):
     """Prompt-level curation before generation (no GPU time for duplicates or leaked benchmarks)."""
 
-    dedup: bool = Field(True, description="Skip prompts equal up to case, spacing and punctuation to an earlier one.")
+    dedup: bool = Field(True, description="Skip prompts equal up to case, spacing and punctuation to an earlier one, "
+                       "or to one the output already committed under another id.")
     decontaminate: list[str] = Field(default_factory=list, description="Benchmark files (jsonl/json/csv/parquet) to keep out.")
     ngram: int = Field(8, ge=3, le=50, description="n-gram size for decontamination (open-r1 uses 8, OpenThoughts 13).")
 
@@ -485,7 +487,7 @@ def load_job(path: str | os.PathLike[str] | None = None, sets: dict[str, Any] | 
     raw.update({k: v for k, v in overrides.items() if v is not None})
     for dotted, value in (sets or {}).items():
         _set_dotted(raw, dotted, value)
-    return _resolve_relative(validated(JobConfig, raw, str(path or "job")), Path.cwd())
+    return _resolve_relative(validated(JobConfig, raw, str(path or "job"), list(sets or ())), Path.cwd())
 
 
 def read_mapping(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
@@ -499,10 +501,41 @@ def read_mapping(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
 M = TypeVar("M", bound=BaseModel)
 
 
-def validated(model: type[M], raw: dict[str, Any], where: str) -> M:
-    """The typed model of `raw`; every problem named by its dotted key on one ConfigError line."""
+def closest(word: str, choices: list[str]) -> str:
+    """"; did you mean 'x'?" for the choice nearest a mistyped word, else nothing."""
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _keys_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys the model takes at `loc` (a nested section), for a mistyped key's suggestion."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):  # an item of a list: the item's model
+            continue
+        field = current.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        current = next((a for a in (ann, *get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if current is None:
+            return []
+    return list(current.model_fields)
+
+
+def validated(model: type[M], raw: dict[str, Any], where: str, sets: list[str] = ()) -> M:
+    """The typed model of `raw`; every problem named by its dotted key on one ConfigError line, and
+    by the `--set` that brought it when one did (not the file), a mistyped key with a suggestion."""
     try:
         return model.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"{where}: {problems}") from None
+        problems = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            given = next((s for s in sets if s == key or s.startswith(key + ".") or key.startswith(s + ".")), None)
+            if err["type"] == "extra_forbidden":
+                msg = f"unknown key{closest(str(err['loc'][-1]), _keys_at(model, err['loc'][:-1]))}"
+            else:
+                msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{key}: {msg}{f' (from --set {given})' if given else ''}")
+        raise ConfigError(f"{where}: {'; '.join(problems)}") from None

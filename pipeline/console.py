@@ -510,8 +510,10 @@ def top_reasons(reasons: Mapping[str, int], total: int, most: int = 5) -> str:
     return text or "none"
 
 
-def generate_summary(manifest: Mapping[str, Any], storage: Storage, log_file: str) -> None:
-    """Accepted samples by domain, the top reject reasons, where the report, card and log are."""
+def generate_summary(manifest: Mapping[str, Any], storage: Storage, log_file: str, attempt: str) -> None:
+    """Accepted samples by domain, the top reject reasons, where the report, card and log are; a
+    rerun that changed nothing says the version it found is current, and a version without one
+    accepted sample says so loudly (`datasets` cannot load an empty split)."""
     stats = manifest["stats"]
     run = manifest.get("run", {})
     took = manifest.get("timings", {}).get("total_s")
@@ -527,12 +529,19 @@ def generate_summary(manifest: Mapping[str, Any], storage: Storage, log_file: st
     where = storage.url()
     load = (f'datasets.load_dataset("{where}")' if storage.local
             else f"the files listed under `files.data` in {storage.url('_manifest.json')}")
-    made = f"{run.get('prompts_to_generate', 0):,} prompts generated now, {run.get('prompts_already_committed', 0):,} committed earlier"
-    _emit([f"published {manifest['version']}{f' in {duration(took)}' if took is not None else ''} ({made})"]
+    if manifest["run_id"] == attempt:
+        made = f"{run.get('prompts_to_generate', 0):,} prompts generated now, {run.get('prompts_already_committed', 0):,} committed earlier"
+        head = f"published {manifest['version']}{f' in {duration(took)}' if took is not None else ''} ({made})"
+    else:
+        head = f"nothing new to generate or publish: {manifest['version']} (run {manifest['run_id']}) is current"
+    if not stats["accepted"]:
+        log.warning("no sample was accepted: %s has no training rows (see the reject reasons and %s)",
+                    manifest["version"], storage.url("report.md"))
+    _emit([head]
           + table(("domain", "samples", "accepted", "rate", "prompts with accepted"), rows)
           + fields([("rejected", top_reasons(reasons, stats["samples"])),
                     ("report", storage.url("report.md")),
-                    ("card", f"{storage.url('README.md')} (load: {load})"),
+                    ("card", storage.url("README.md") + (f" (load: {load})" if stats["accepted"] else "")),
                     ("log", log_file)]))
 
 
@@ -546,8 +555,9 @@ def curate_summary(progress: Progress, output: str, log_file: str) -> None:
 
 
 def prepare_summary(read: int, written: int, dropped: Mapping[str, int], shards: Sequence[str],
-                    bad_rows: Sequence[Mapping[str, Any]], report_uri: str, most: int = 20) -> None:
-    """Rows read, written and dropped per reason, the shards, and the first bad rows with file and line."""
+                    bad_rows: Sequence[Mapping[str, Any]], report_uri: str | None, most: int = 20) -> None:
+    """Rows read, written and dropped per reason, the shards, and the first bad rows with file and
+    line; the report's place when one was written (`report_uri`)."""
     total_dropped = sum(dropped.values())
     lines = [f"prepare: read {read:,}, written {written:,}, dropped {total_dropped:,}, shards {len(shards):,}"]
     if dropped:
@@ -560,6 +570,8 @@ def prepare_summary(read: int, written: int, dropped: Mapping[str, int], shards:
         lines += [f"    {bad['file']}:{bad['row']}: {bad['error']}" for bad in bad_rows[:most]]
         bad_total = dropped.get("bad_row", 0) + dropped.get("duplicate_id", 0)
         if bad_total > min(most, len(bad_rows)):
-            lines.append(f"    ... {bad_total - min(most, len(bad_rows)):,} more (the first 1,000 are in {report_uri})")
-    lines += fields([("report", report_uri)])
+            where = f" (the first 1,000 are in {report_uri})" if report_uri else ""
+            lines.append(f"    ... {bad_total - min(most, len(bad_rows)):,} more{where}")
+    if report_uri:
+        lines += fields([("report", report_uri)])
     _emit(lines)

@@ -11,12 +11,11 @@ it runs where the job runs. Every failure is a ConfigError whose message is one 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 from typing import Any
 
-from pipeline.config import ConfigError, EngineSpec, JobConfig
+from pipeline.config import ConfigError, EngineSpec, JobConfig, closest
 from pipeline.errors import scrub
 from pipeline.schemas import domains, reason_codes
 
@@ -66,11 +65,6 @@ def check_units(job: JobConfig) -> None:
             raise ConfigError(f"filters[{i}]: {e}") from None
 
 
-def _closest(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
 def _check_domains(job: JobConfig) -> None:
     known = list(domains())
     named = [("verify.domains", d) for d in job.verify.domains] + [("render.instructions", d) for d in job.render.instructions]
@@ -78,7 +72,7 @@ def _check_domains(job: JobConfig) -> None:
         named += [("judge.domains", d) for d in job.judge.domains]
     for where, domain in named:
         if domain not in known:
-            raise ConfigError(f"{where}: {domain!r} is not a domain (one of {', '.join(known)}){_closest(domain, known)}")
+            raise ConfigError(f"{where}: {domain!r} is not a domain (one of {', '.join(known)}){closest(domain, known)}")
 
 
 def _check_chat_template(template: str | None) -> None:
@@ -104,7 +98,7 @@ def _check_judge(job: JobConfig) -> None:
     codes = sorted(reason_codes())
     for reason in job.judge.reasons:
         if reason not in codes:
-            raise ConfigError(f"judge.reasons: {reason!r} is not a reason code (schemas/reasons.json){_closest(reason, codes)}")
+            raise ConfigError(f"judge.reasons: {reason!r} is not a reason code (schemas/reasons.json){closest(reason, codes)}")
 
 
 def check_sampling(where: str, sampling: dict[str, Any], engine_stage: bool) -> None:
@@ -115,7 +109,7 @@ def check_sampling(where: str, sampling: dict[str, Any], engine_stage: bool) -> 
     fields = [f for f in SamplingParams.__struct_fields__ if not f.startswith("_")]
     for key in sampling:
         if key not in fields:
-            raise ConfigError(f"{where}.{key}: not an argument of vllm.SamplingParams{_closest(key, fields)}")
+            raise ConfigError(f"{where}.{key}: not an argument of vllm.SamplingParams{closest(key, fields)}")
     args = dict(sampling)
     if engine_stage:
         if "output_kind" in args:
@@ -165,7 +159,7 @@ def check_engine(where: str, spec: EngineSpec, judge: bool) -> None:
             continue
         key_path = f"{where}.{key}" if key in EngineSpec.model_fields else f"{where}.kwargs.{key}"
         if key not in types:
-            raise ConfigError(f"{key_path}: not a vLLM engine argument{_closest(key, names)}")
+            raise ConfigError(f"{key_path}: not a vLLM engine argument{closest(key, names)}")
         try:
             adapter = TypeAdapter(types[key])
         except Exception:

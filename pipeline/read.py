@@ -12,7 +12,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.commits import KEY_COLUMN, Key, hash_rows
+from pipeline.commits import KEY_COLUMN, Committed, Key, hash_rows
 from pipeline.ngrams import Contamination, digest, normalize
 from pipeline.schemas import arrow_fields, check_columns
 from pipeline.storage import filesystem
@@ -155,17 +155,18 @@ class Plan:
         return {"round": self.round, "first_sample": self.first_sample}
 
 
-def scan_prompts(fs: fsspec.AbstractFileSystem, shards: list[Shard], committed: dict[str, str],
+def scan_prompts(fs: fsspec.AbstractFileSystem, shards: list[Shard], committed: Committed = Committed(),
                  dedup: bool = True, contamination: Contamination | None = None) -> Plan:
     """One pass over the shards before any GPU work: every prompt's key, what is already done.
 
     Ids must be non-empty; an id seen again with the same content (a symlinked or resharded
     copy) is read once, with other content it is an error, as is a prompt whose content changed
     since it was committed under its id. Prompts equal up to case, spacing and punctuation to an
-    earlier one (`duplicate`) or sharing an n-gram with a benchmark (`contaminated`) are flagged."""
+    earlier one or to a committed one under another id (`duplicate`: the same source re-prepared
+    under another name), or sharing an n-gram with a benchmark (`contaminated`), are flagged."""
     schema = unified_schema(shards)
     seen: dict[str, tuple[str, str]] = {}
-    prompts_seen: set[bytes] = set()
+    prompts_seen: set[bytes] = set(committed.prompts) if dedup else set()
     plan = Plan()
     for s in shards:
         skip: set[str] = set()
@@ -184,6 +185,13 @@ def scan_prompts(fs: fsspec.AbstractFileSystem, shards: list[Shard], committed: 
                     plan.copies += 1
                     continue
                 seen[pid] = (s.uri, h)
+                if pid in committed.keys:
+                    if committed.keys[pid] != h:
+                        raise InputError(f"{where}: prompt {pid!r} differs from the one this output committed under "
+                                         "that id; use a new output (or --new-version) for changed prompts")
+                    skip.add(pid)
+                    plan.done += 1
+                    continue
                 if prompt and dedup:
                     d = digest(normalize(prompt))
                     if d in prompts_seen:
@@ -191,13 +199,6 @@ def scan_prompts(fs: fsspec.AbstractFileSystem, shards: list[Shard], committed: 
                     prompts_seen.add(d)
                 if prompt and pid not in plan.flagged and contamination is not None and contamination.hits(prompt):
                     plan.flagged[pid] = "contaminated"
-                if pid in committed:
-                    if committed[pid] != h:
-                        raise InputError(f"{where}: prompt {pid!r} differs from the one this output committed under "
-                                         "that id; use a new output (or --new-version) for changed prompts")
-                    skip.add(pid)
-                    plan.done += 1
-                    continue
                 plan.todo.add((pid, h))
         plan.skip[s.path] = frozenset(skip)
     return plan

@@ -184,7 +184,7 @@ def _generate(job: JobConfig, fs: Any, shards: list[Shard], plan: Plan, fenced: 
     }
     published = publish(fenced, fp, manifest, publish_doc(job), started, job.select, job.rows_per_data_file,
                         voting=voting, rounds=rounds is not None)
-    console.generate_summary(published, fenced.storage, log_file)
+    console.generate_summary(published, fenced.storage, log_file, attempt)
     return fenced.storage.url()
 
 

@@ -105,7 +105,7 @@ def test_a_later_round_reads_only_its_prompts_with_their_round_and_first_index(t
     write_shard(tmp_path / "in" / "a.parquet", rows[:3])
     write_shard(tmp_path / "in" / "b.parquet", rows[3:] + rows[:1])  # q0 again: a copy, read once
     fs, shards = resolve([str(tmp_path / "in" / "*.parquet")])
-    keys = {pid: h for pid, h in scan_prompts(fs, shards, {}).todo}
+    keys = {pid: h for pid, h in scan_prompts(fs, shards).todo}
     from pipeline.read import iter_shard, plan_round, unified_schema
 
     plan = plan_round(fs, shards, {("q0", keys["q0"]), ("q4", keys["q4"])}, 2, 6)

@@ -6,6 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import PROMPT_SCHEMA, write_shard
+from pipeline.commits import Committed
 from pipeline.config import REPO_ROOT, ConfigError, load_job
 from pipeline.read import InputError, resolve, scan_prompts, unified_schema
 from pipeline.render import Renderer
@@ -15,7 +16,7 @@ from pipeline.storage import Storage
 def validate_shards(*patterns):
     """What generate does with its shards before any GPU work: resolve, read footers, scan ids."""
     fs, shards = resolve([str(p) for p in patterns])
-    scan_prompts(fs, shards, {})
+    scan_prompts(fs, shards)
     return shards
 
 
@@ -139,8 +140,8 @@ def test_duplicate_and_contaminated_prompts_are_flagged_before_generation(tmp_pa
     b = write_shard(tmp_path / "b.parquet", [{"id": "3", "prompt": "what is 2 + 2"}, {"id": "4", "prompt": "What is 3+3?"}])
     fs, shards = resolve([str(a), str(b)])
     bench = Contamination(["Find all real x with x^2 - 5x + 6 = 0 and sum them."], n=8)
-    assert scan_prompts(fs, shards, {}, True, bench).flagged == {"2": "contaminated", "3": "duplicate"}
-    assert scan_prompts(fs, shards, {}, False, None).flagged == {}
+    assert scan_prompts(fs, shards, Committed(), True, bench).flagged == {"2": "contaminated", "3": "duplicate"}
+    assert scan_prompts(fs, shards, Committed(), False, None).flagged == {}
     renderer = Renderer(CharTokenizer(), load_job(None), {"3": "duplicate"})
     assert renderer({"id": "3", "prompt": "what is 2 + 2", "domain": "math"}).reject_reason == "duplicate"
 

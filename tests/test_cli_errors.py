@@ -35,7 +35,9 @@ def test_a_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--set", "sampling.n=null"], "sampling.n must be an integer >= 1, got None"),
+    (["--set", "sampling.n=null"], "sampling.n must be an integer >= 1, got None (from --set sampling.n)"),
+    (["--set", "resourcs.engine_actors=1"], "resourcs: unknown key; did you mean 'resources'? (from --set resourcs.engine_actors)"),
+    (["--set", "resources.engine_actrs=2"], "resources.engine_actrs: unknown key; did you mean 'engine_actors'? (from --set"),
     (["--set", "sampling.n=["], "--set sampling.n=[: not a YAML value"),
     (["--set", "filters=[{name: repetitions}]"], "filters[0]: unknown filter 'repetitions'"),
     (["--set", "engine.kwargs.max_num_batched_token=8192"], "did you mean 'max_num_batched_tokens'?"),

@@ -28,7 +28,7 @@ def fenced(request: pytest.FixtureRequest, tmp_path: Path) -> Fenced:
 
 
 def rows(*keys: tuple[str, int]) -> pa.Table:
-    return pa.Table.from_pylist([{"id": pid, "prompt_hash": f"h{pid}", "sample_index": k, "completion": f"{pid}/{k}",
+    return pa.Table.from_pylist([{"id": pid, "prompt": f"Prompt {pid}", "prompt_hash": f"h{pid}", "sample_index": k, "completion": f"{pid}/{k}",
                                   "accepted": k == 0} for pid, k in keys])
 
 
@@ -65,7 +65,7 @@ def test_prompts_commit_in_groups_by_count_and_by_age(fenced):
     writer.add(rows(("f", 0)))  # e waited 11 s > 10 s
     assert len(writer.commits) == 2
     assert writer.missing() == [("g", "hg")]
-    assert sorted(committed_keys(fenced.storage, FP)) == list("abcdef")
+    assert sorted(committed_keys(fenced.storage, FP).keys) == list("abcdef")
 
 
 def test_rows_of_prompts_not_planned_and_out_of_range_indexes_are_ignored(fenced):
@@ -109,14 +109,15 @@ def commit_plan(fenced: Fenced, plan, only: set[str]) -> None:
     """Commit the planned prompts whose id is in `only`, as a run would."""
     writer = CommitWriter(fenced, FP, "att", samples=range(1), expected=plan.todo)
     keys = sorted(k for k in plan.todo if k[0] in only)
-    writer.add(pa.Table.from_pylist([{"id": pid, "prompt_hash": h, "sample_index": 0, "accepted": True}
+    text = {p["id"]: p["prompt"] for p in PROMPTS}
+    writer.add(pa.Table.from_pylist([{"id": pid, "prompt": text[pid], "prompt_hash": h, "sample_index": 0, "accepted": True}
                                      for pid, h in keys]))
     writer.flush()
 
 
 def test_resharding_the_same_prompts_neither_loses_nor_duplicates_one(tmp_path, fenced):
     fs, shards = resolve([reshard(tmp_path / "by3", 3)])
-    plan = scan_prompts(fs, shards, {})
+    plan = scan_prompts(fs, shards)
     assert len(plan.todo) == 10
     commit_plan(fenced, plan, {"q0", "q1", "q2", "q3", "q7"})  # a killed run committed these
     fs, shards = resolve([reshard(tmp_path / "by4", 4)])  # re-prepared with another shard size
@@ -134,7 +135,7 @@ def test_the_same_shard_by_symlink_dot_or_double_slash_is_read_once(tmp_path):
     os.symlink(shard, tmp_path / "in" / "link.parquet")
     specs = [str(shard), str(tmp_path / "in" / "link.parquet"), f"{tmp_path}/in/./p.parquet", f"{tmp_path}//in//p.parquet"]
     fs, shards = resolve(specs)
-    plan = scan_prompts(fs, shards, {})
+    plan = scan_prompts(fs, shards)
     assert len(plan.todo) == 4 and len(plan.shards(shards)) == 1
 
 
@@ -143,12 +144,28 @@ def test_an_id_reused_for_other_content_is_refused(tmp_path):
     write_shard(tmp_path / "a" / "q.parquet", [{**PROMPTS[1], "prompt": "Something else"}])
     fs, shards = resolve([str(tmp_path / "a" / "*.parquet")])
     with pytest.raises(InputError, match="id 'q1' is also used by a different prompt"):
-        scan_prompts(fs, shards, {})
+        scan_prompts(fs, shards)
+
+
+def test_committed_prompts_prepared_again_under_new_ids_are_flagged_duplicates_not_generated_twice(tmp_path, fenced):
+    """The same source re-prepared under another name: its ids change, its prompts do not. Each
+    one already committed is a duplicate (no engine time, never in the data twice); new ones are
+    generated; with prompts.dedup off, all are."""
+    fs, shards = resolve([reshard(tmp_path / "v1", 5)])
+    commit_plan(fenced, scan_prompts(fs, shards), {"q0", "q1", "q2"})
+    renamed = [{**p, "id": "again-" + p["id"], "prompt": p["prompt"].upper() + " "} for p in PROMPTS[:4]]
+    write_shard(tmp_path / "v2" / "p.parquet", [*renamed, {"id": "new", "prompt": "What is 40 + 2?", "answer": "42"}])
+    fs, shards = resolve([str(tmp_path / "v2" / "p.parquet")])
+    committed = committed_keys(fenced.storage, FP)
+    plan = scan_prompts(fs, shards, committed)
+    assert plan.flagged == {"again-q0": "duplicate", "again-q1": "duplicate", "again-q2": "duplicate"}
+    assert sorted(pid for pid, _ in plan.todo) == ["again-q0", "again-q1", "again-q2", "again-q3", "new"]
+    assert scan_prompts(fs, shards, committed, dedup=False).flagged == {}
 
 
 def test_a_prompt_changed_since_it_was_committed_is_refused(tmp_path, fenced):
     fs, shards = resolve([reshard(tmp_path / "v1", 5)])
-    commit_plan(fenced, scan_prompts(fs, shards, {}), {"q3"})
+    commit_plan(fenced, scan_prompts(fs, shards), {"q3"})
     write_shard(tmp_path / "v2" / "p.parquet", [{**PROMPTS[3], "answer": "7"}])
     fs, shards = resolve([str(tmp_path / "v2" / "p.parquet")])
     with pytest.raises(InputError, match="prompt 'q3' differs from the one this output committed"):

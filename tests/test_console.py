@@ -133,19 +133,26 @@ def test_log_path_is_in_the_bookkeeping_folder_locally_and_a_local_folder_for_ob
 def test_summaries_name_accepted_by_domain_top_reasons_and_where_things_are(term, tmp_path):
     stream, _ = term
     storage = Storage(str(tmp_path / "out"))
-    manifest = {"version": "v000002-abc", "timings": {"total_s": 75}, "run": {"prompts_to_generate": 3, "prompts_already_committed": 9},
+    manifest = {"version": "v000002-abc", "run_id": "r2", "timings": {"total_s": 75}, "run": {"prompts_to_generate": 3, "prompts_already_committed": 9},
                 "stats": {"samples": 48, "accepted": 12, "accept_rate": 0.25, "domains": {
                     "math": {"samples": 40, "accepted": 10, "accept_rate": 0.25, "prompts": 10, "prompts_with_accepted": 6,
                              "reasons": {"truncated": 20, "answer_mismatch": 10}},
                     "code": {"samples": 8, "accepted": 2, "accept_rate": 0.25, "prompts": 2, "prompts_with_accepted": 1,
                              "reasons": {"tests_failed": 6}}}}}
-    console.generate_summary(manifest, storage, "/logs/run.log")
+    console.generate_summary(manifest, storage, "/logs/run.log", "r2")
     out = stream.getvalue().splitlines()
     assert out[0] == "published v000002-abc in 1:15 (3 prompts generated now, 9 committed earlier)"
     assert re.fullmatch(r"\s+math\s+40\s+10\s+25\.0%\s+6/10", out[2]) and re.fullmatch(r"\s+all\s+48\s+12\s+25\.0%\s+7/12", out[4])
     assert "truncated 20 (41.7%), answer_mismatch 10 (20.8%), tests_failed 6 (12.5%)" in out[5]
     assert out[-3].split() == ["report", storage.url("report.md")]
     assert f'datasets.load_dataset("{storage.url()}")' in out[-2]
+    stream.seek(0), stream.truncate()  # a rerun that changed nothing; a version nothing was accepted in
+    empty = {**manifest, "stats": {**manifest["stats"], "accepted": 0}}
+    console.generate_summary(empty, storage, "/logs/run.log", "r3")
+    out = stream.getvalue().splitlines()
+    assert out[0] == f"warning: no sample was accepted: v000002-abc has no training rows (see the reject reasons and {storage.url('report.md')})"
+    assert out[1] == "nothing new to generate or publish: v000002-abc (run r2) is current"
+    assert out[-2].split() == ["card", storage.url("README.md")]  # nothing to load_dataset
     console.prepare_summary(5, 2, {"bad_row": 2, "duplicate": 1}, ["o/prompts-00000.parquet"],
                             [{"file": "a.jsonl", "row": 2, "error": "missing field 'question'"}], "o/_prepare_report.json", most=1)
     text = stream.getvalue()

@@ -333,7 +333,7 @@ def test_a_mix_that_selects_nothing_publishes_nothing(tmp_path, two_sources):
 def test_mix_files_are_typed_and_unknown_keys_are_one_line_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("output: out\nsources:\n  - {name: a, dataset: x, wieght: 2}\n")
-    with pytest.raises(ConfigError, match=r"sources\.0\.wieght: Extra inputs are not permitted"):
+    with pytest.raises(ConfigError, match=r"sources\.0\.wieght: unknown key; did you mean 'weight'\?"):
         load_mix(bad)
     for body, problem in (("{name: a, dataset: x, weight: 1, count: 2}", "a count or a weight"),
                           ("{name: a, dataset: x, filter: {reasons: [acepted]}}", "unknown outcomes"),
@@ -381,7 +381,7 @@ def test_the_cli_mixes_and_refuses_a_bad_mix_file_in_one_line(tmp_path, two_sour
     assert done.stdout.strip().splitlines()[-1] == str(tmp_path / "cli") and len(data_rows(str(tmp_path / "cli"))) == 20
     refused = run(bad)
     assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
-        f"error: {bad}: totl: Extra inputs are not permitted"]
+        f"error: {bad}: totl: unknown key; did you mean 'total'?"]
 
 
 @pytest.mark.slow

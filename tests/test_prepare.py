@@ -310,6 +310,7 @@ def test_cli_exits_2_when_nothing_is_written_and_leaves_the_earlier_output(tmp_p
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert errors_only(proc.stderr)[-1].startswith(f"error: nothing written to {tmp_path / 'out'}: every row was dropped")
     assert "gsm.jsonl:1: missing field 'solution'" in proc.stderr
+    assert "_prepare_report.json" not in proc.stderr  # the one there is the earlier prepare's: not named as this one's
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

@@ -64,20 +64,23 @@ def commit_files(storage: Storage, fp: str) -> list[str]:
 class Committed:
     """What the output already holds: each committed prompt's content hash by id, and the digests
     of the committed prompts' normalised texts, against which `prompts.dedup` flags the same
-    prompt under a new id (a source re-prepared under another name) as a duplicate."""
+    prompt under a new id (a source re-prepared under another name) as a duplicate. A prompt
+    committed as a `duplicate` itself adds no digest: its original may still be uncommitted (a
+    killed run), and must not become a duplicate of its own duplicate."""
 
     keys: dict[str, str] = field(default_factory=dict)
     prompts: frozenset[bytes] = frozenset()
 
 
 def committed_keys(storage: Storage, fp: str, threads: int = 16) -> Committed:
-    """Every committed prompt's key and text digest (three columns of each commit are read; the
-    prompt column is dictionary-encoded, one entry per prompt)."""
+    """Every committed prompt's key and text digest (four columns of each commit are read; prompt
+    and reject reason are dictionary-encoded, one entry per prompt or reason)."""
     files = commit_files(storage, fp)
 
     def keys(rel: str) -> tuple[list[tuple[str, str]], set[bytes]]:
-        t = storage.read_table(rel, columns=["id", KEY_COLUMN, "prompt"])
-        texts = pc.unique(t.column("prompt").drop_null()).to_pylist()
+        t = storage.read_table(rel, columns=["id", KEY_COLUMN, "prompt", "reject_reason"])
+        original = pc.fill_null(pc.not_equal(t.column("reject_reason"), pa.scalar("duplicate")), True)
+        texts = pc.unique(t.filter(original).column("prompt").drop_null()).to_pylist()
         return list(zip(t.column("id").to_pylist(), t.column(KEY_COLUMN).to_pylist())), {digest(normalize(x)) for x in texts}
 
     out: dict[str, str] = {}

@@ -28,7 +28,7 @@ def fenced(request: pytest.FixtureRequest, tmp_path: Path) -> Fenced:
 
 
 def rows(*keys: tuple[str, int]) -> pa.Table:
-    return pa.Table.from_pylist([{"id": pid, "prompt": f"Prompt {pid}", "prompt_hash": f"h{pid}", "sample_index": k, "completion": f"{pid}/{k}",
+    return pa.Table.from_pylist([{"id": pid, "prompt": f"Prompt {pid}", "reject_reason": None, "prompt_hash": f"h{pid}", "sample_index": k, "completion": f"{pid}/{k}",
                                   "accepted": k == 0} for pid, k in keys])
 
 
@@ -105,12 +105,13 @@ def reshard(folder: Path, size: int) -> str:
     return str(folder / "*.parquet")
 
 
-def commit_plan(fenced: Fenced, plan, only: set[str]) -> None:
-    """Commit the planned prompts whose id is in `only`, as a run would."""
+def commit_plan(fenced: Fenced, plan, only: set[str], text: dict[str, str] | None = None) -> None:
+    """Commit the planned prompts whose id is in `only`, as a run would (flagged ones rejected)."""
     writer = CommitWriter(fenced, FP, "att", samples=range(1), expected=plan.todo)
     keys = sorted(k for k in plan.todo if k[0] in only)
-    text = {p["id"]: p["prompt"] for p in PROMPTS}
-    writer.add(pa.Table.from_pylist([{"id": pid, "prompt": text[pid], "prompt_hash": h, "sample_index": 0, "accepted": True}
+    text = text or {p["id"]: p["prompt"] for p in PROMPTS}
+    writer.add(pa.Table.from_pylist([{"id": pid, "prompt": text[pid], "reject_reason": plan.flagged.get(pid),
+                                      "prompt_hash": h, "sample_index": 0, "accepted": pid not in plan.flagged}
                                      for pid, h in keys]))
     writer.flush()
 
@@ -161,6 +162,19 @@ def test_committed_prompts_prepared_again_under_new_ids_are_flagged_duplicates_n
     assert plan.flagged == {"again-q0": "duplicate", "again-q1": "duplicate", "again-q2": "duplicate"}
     assert sorted(pid for pid, _ in plan.todo) == ["again-q0", "again-q1", "again-q2", "again-q3", "new"]
     assert scan_prompts(fs, shards, committed, dedup=False).flagged == {}
+
+
+def test_a_committed_duplicate_does_not_make_its_uncommitted_original_a_duplicate(tmp_path, fenced):
+    """A run killed after committing the duplicate of a prompt, before the prompt itself: the rerun
+    generates the prompt (the dataset would otherwise lose it)."""
+    both = [{"id": "first", "prompt": "What is 3 + 4?", "answer": "7"}, {"id": "second", "prompt": "what is 3+4", "answer": "7"}]
+    write_shard(tmp_path / "p.parquet", both)
+    fs, shards = resolve([str(tmp_path / "p.parquet")])
+    plan = scan_prompts(fs, shards)
+    assert plan.flagged == {"second": "duplicate"}
+    commit_plan(fenced, plan, {"second"}, {p["id"]: p["prompt"] for p in both})
+    again = scan_prompts(fs, shards, committed_keys(fenced.storage, FP))
+    assert again.flagged == {} and sorted(pid for pid, _ in again.todo) == ["first"]
 
 
 def test_a_prompt_changed_since_it_was_committed_is_refused(tmp_path, fenced):

@@ -72,16 +72,20 @@ class Committed:
     prompts: frozenset[bytes] = frozenset()
 
 
-def committed_keys(storage: Storage, fp: str, threads: int = 16) -> Committed:
-    """Every committed prompt's key and text digest (four columns of each commit are read; prompt
-    and reject reason are dictionary-encoded, one entry per prompt or reason)."""
+def committed_keys(storage: Storage, fp: str, digests: bool = True, threads: int = 16) -> Committed:
+    """Every committed prompt's key and, with `digests` (what `prompts.dedup` needs), its text
+    digest: two columns of each commit are read, or four (prompt and reject reason are
+    dictionary-encoded, one entry per prompt or reason)."""
     files = commit_files(storage, fp)
 
     def keys(rel: str) -> tuple[list[tuple[str, str]], set[bytes]]:
-        t = storage.read_table(rel, columns=["id", KEY_COLUMN, "prompt", "reject_reason"])
+        t = storage.read_table(rel, columns=["id", KEY_COLUMN] + (["prompt", "reject_reason"] if digests else []))
+        pairs = list(zip(t.column("id").to_pylist(), t.column(KEY_COLUMN).to_pylist()))
+        if not digests:
+            return pairs, set()
         original = pc.fill_null(pc.not_equal(t.column("reject_reason"), pa.scalar("duplicate")), True)
         texts = pc.unique(t.filter(original).column("prompt").drop_null()).to_pylist()
-        return list(zip(t.column("id").to_pylist(), t.column(KEY_COLUMN).to_pylist())), {digest(normalize(x)) for x in texts}
+        return pairs, {digest(normalize(x)) for x in texts}
 
     out: dict[str, str] = {}
     prompts: set[bytes] = set()

@@ -109,7 +109,7 @@ def generate(job: JobConfig, new_version: bool = False) -> str:
         attempt = fenced.lease.attempt
         with console.run_log(console.log_path(storage, attempt)) as log_file:
             fp = adopt_configuration(fenced, job, new_version)
-            plan = scan_prompts(fs, shards, committed_keys(storage, fp), job.prompts.dedup, contamination)
+            plan = scan_prompts(fs, shards, committed_keys(storage, fp, job.prompts.dedup), job.prompts.dedup, contamination)
             console.generate_header(job, shards, plan, storage.url(), log_file)
             return _generate(job, fs, shards, plan, fenced, fp, attempt, started, log_file)
 

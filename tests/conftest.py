@@ -44,6 +44,16 @@ def wait_for(reached: Callable[[], bool], what: str, proc: subprocess.Popen | No
         time.sleep(0.01)
 
 
+def run_log(out: Path) -> str:
+    """What a run's driver wrote to its own log in a local output (`_pipeline/logs/*.log`)."""
+    return "".join(f.read_text(errors="replace") for f in out.glob("_pipeline/logs/*.log"))
+
+
+def commit_count(out: Path) -> int:
+    """Commit files in a local output, counted from the listing alone (no file is read)."""
+    return len(list(out.glob("_pipeline/commits/*/*.parquet")))
+
+
 def engine_cores(session: int | None = None, under: int | None = None) -> list[psutil.Process]:
     """vLLM's engine core processes in a run's session (a local run), or below a process (a node)."""
     procs = psutil.Process(under).children(recursive=True) if under is not None else psutil.process_iter()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from conftest import wait_for, write_shard
+from conftest import commit_count, run_log, wait_for, write_shard
 from pipeline.commits import CommitWriter, commit_files, committed_prompts
 from pipeline.config import REPO_ROOT, AdaptiveSpec, ConfigError, SelectSpec, load_job
 from pipeline.prompts import Voting, judged
@@ -383,11 +383,9 @@ def test_a_real_adaptive_run_killed_in_round_2_resumes_with_every_sample_once(tm
     try:
         # the event: round 1's first commit, i.e. one more commit file than round 0 left (counted,
         # not read, so that the kill follows within milliseconds, before the driver commits the rest)
-        run_log = lambda: "".join(f.read_text(errors="replace") for f in out.glob("_pipeline/logs/*.log"))  # noqa: E731
-        commits = lambda: len(list(out.glob("_pipeline/commits/*/*.parquet")))  # noqa: E731
-        wait_for(lambda: "round 1: " in run_log(), "round 1 planned", first, log, timeout_s=900)
-        round_0 = commits()
-        wait_for(lambda: commits() > round_0, "a round-1 commit", first, log, timeout_s=900)
+        wait_for(lambda: "round 1: " in run_log(out), "round 1 planned", first, log, timeout_s=900)
+        round_0 = commit_count(out)
+        wait_for(lambda: commit_count(out) > round_0, "a round-1 commit", first, log, timeout_s=900)
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
         before = CommittedRounds(out)()

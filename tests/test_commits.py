@@ -162,6 +162,8 @@ def test_committed_prompts_prepared_again_under_new_ids_are_flagged_duplicates_n
     assert plan.flagged == {"again-q0": "duplicate", "again-q1": "duplicate", "again-q2": "duplicate"}
     assert sorted(pid for pid, _ in plan.todo) == ["again-q0", "again-q1", "again-q2", "again-q3", "new"]
     assert scan_prompts(fs, shards, committed, dedup=False).flagged == {}
+    keys_only = committed_keys(fenced.storage, FP, digests=False)  # what a run with dedup off reads
+    assert keys_only.keys == committed.keys and keys_only.prompts == frozenset()
 
 
 def test_a_committed_duplicate_does_not_make_its_uncommitted_original_a_duplicate(tmp_path, fenced):

@@ -26,7 +26,6 @@ def term():
     console.teardown()
 
 
-
 def test_console_shows_the_pipelines_lines_and_verbose_shows_the_rest(monkeypatch):
     quiet, loud = io.StringIO(), io.StringIO()
     library = logging.getLogger("botocore.credentials")  # any library's logger that propagates

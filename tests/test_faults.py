@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import engine_cores, frozen, wait_for, write_shard
+from conftest import commit_count, engine_cores, frozen, wait_for, write_shard
 from pipeline.commits import commit_files
 from pipeline.config import REPO_ROOT
 from pipeline.storage import Storage
@@ -119,7 +119,7 @@ def test_a_run_killed_at_80_percent_resumes_with_at_most_30_percent_of_the_work(
     try:
         # counting the commit files (one prompt each, not reading them) lets the kill follow within
         # milliseconds: a fast machine commits a few more in that time, out of the 30% left
-        wait_for(lambda: len(list((out / "_pipeline" / "commits").glob("*/*.parquet"))) >= 0.7 * prompts,
+        wait_for(lambda: commit_count(out) >= 0.7 * prompts,
                  "70% of the prompts committed", first, log)
         os.kill(first.pid, signal.SIGKILL)
         first.wait()

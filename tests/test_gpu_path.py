@@ -22,7 +22,6 @@ from pipeline.config import REPO_ROOT, ConfigError, load_job
 pytestmark = pytest.mark.slow
 
 
-
 def test_the_first_samples_leave_the_engine_long_before_the_slowest_sequence_ends(ray_local, model_dir):
     """Four prompts whose engine runs to max_model_len: short prompts get ~500 new tokens, long ones ~110
     (ignore_eos, no max_tokens), all running at once; each prompt's samples must leave as it ends."""

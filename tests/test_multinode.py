@@ -29,7 +29,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import engine_cores, frozen, wait_for, write_shard
+from conftest import engine_cores, frozen, run_log, wait_for, write_shard
 from pipeline.config import DEFAULT_MODEL_DIR, REPO_ROOT
 from pipeline.devs3 import free_ports
 from pipeline.storage import Storage
@@ -53,7 +53,6 @@ DEADLINE_S = 600
 NODE_PORTS = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
               "runtime-env-agent-port", "metrics-export-port")
 NODE_IP = "127.0.0.2"
-
 
 
 class Node:
@@ -226,8 +225,7 @@ def kill_mid_run(run: subprocess.Popen, log: Path, out: Path, driver: psutil.Pro
     in flight), kill the victim node, then let both go on; returns how many prompts were committed
     then. `holds` names a custom resource the stage must be holding (it asked for it: it did not
     land there by chance)."""
-    run_log = lambda: "".join(f.read_text(errors="replace") for f in out.glob("_pipeline/logs/*.log"))  # noqa: E731
-    wait_for(lambda: event in run_log(), repr(event), run, log, timeout_s=DEADLINE_S)
+    wait_for(lambda: event in run_log(out), repr(event), run, log, timeout_s=DEADLINE_S)
     with frozen([driver]):
         cores = engine_cores(under=engine.proc.pid)
         assert cores, f"no engine core on {engine.name}"
